@@ -1,0 +1,306 @@
+"""Model adapters: load/build HF CTC speech models and describe their quantizable layers.
+
+Everything here works offline: models come from a local directory (safetensors only) or are
+built with random weights from configs that mirror the real checkpoint shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# config "architectures" entry -> (transformers model class name, config class name, short arch)
+SUPPORTED_ARCHS = {
+    "Wav2Vec2ForCTC": ("Wav2Vec2ForCTC", "Wav2Vec2Config", "wav2vec2"),
+    "HubertForCTC": ("HubertForCTC", "HubertConfig", "hubert"),
+    "WavLMForCTC": ("WavLMForCTC", "WavLMConfig", "wavlm"),
+    "Data2VecAudioForCTC": ("Data2VecAudioForCTC", "Data2VecAudioConfig", "data2vec-audio"),
+}
+SHORT_TO_ARCH = {short: name for name, (_, _, short) in SUPPORTED_ARCHS.items()}
+
+# Character vocabulary of the wav2vec2-960h family (ids 0..31): blank first, then specials.
+CHAR_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + list(string.ascii_uppercase) + ["'"]
+
+
+@dataclass
+class SpeechModel:
+    """A CTC model plus the processor facts the recipes need (no HF processor object)."""
+
+    model: nn.Module
+    arch: str  # HF architecture name, e.g. "Wav2Vec2ForCTC"
+    vocab: list[str]  # id -> token
+    blank_id: int
+    word_delimiter: str = "|"
+    sampling_rate: int = 16000
+    do_normalize: bool = True
+    return_attention_mask: bool = False
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer: where it is and which part of the network it belongs to."""
+
+    path: str
+    kind: str  # "cnn" | "pos_conv" | "transformer" | "head"
+    index: int  # position within its kind, in model order
+    module_type: str  # "Conv1d" | "Linear"
+
+
+# ----------------------------------------------------------------------------- weight norm
+
+
+def remove_weight_norm(model: nn.Module) -> nn.Module:
+    """Fold weight-norm into plain weights (pos_conv_embed.conv) so ModelOpt can wrap the conv.
+
+    Handles both the parametrization form (torch >= 2.1) and the old weight_g/weight_v hook form.
+    The effective weight is kept, so outputs are unchanged. Returns the same model (in place).
+    """
+    from torch.nn.utils import parametrize
+
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv1d, nn.Linear)):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            log.debug("removed weight-norm parametrization from %s", name)
+        elif hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+            torch.nn.utils.remove_weight_norm(module)
+            log.debug("removed weight-norm hook from %s", name)
+    return model
+
+
+# ----------------------------------------------------------------------------- inventory
+
+
+def _kind_of(path: str) -> str:
+    if "feature_extractor" in path and "conv_layers" in path:
+        return "cnn"
+    if "pos_conv_embed" in path:
+        return "pos_conv"
+    if path == "lm_head" or path.endswith(".lm_head"):
+        return "head"
+    return "transformer"
+
+
+def layer_inventory(model: nn.Module | SpeechModel) -> list[LayerInfo]:
+    """Every Conv1d/Linear in model order, tagged cnn / pos_conv / transformer / head."""
+    if isinstance(model, SpeechModel):
+        model = model.model
+    counters: dict[str, int] = {}
+    out = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Conv1d, nn.Linear)):
+            continue
+        kind = _kind_of(path)
+        out.append(LayerInfo(path, kind, counters.get(kind, 0), type(module).__name__))
+        counters[kind] = counters.get(kind, 0) + 1
+    return out
+
+
+# ----------------------------------------------------------------------------- random models
+
+_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
+_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
+
+# Real shapes of the public checkpoints (wav2vec2-base-960h / wav2vec2-large-960h-lv60-self and
+# the HuBERT/WavLM/data2vec-audio equivalents). "tiny" keeps the 7-layer CNN but is tiny.
+_SHAPES = {
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32,) * 7, feat_extract_norm="group", do_stable_layer_norm=False,
+        conv_bias=False, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+    ),
+    "base": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        conv_dim=(512,) * 7, feat_extract_norm="group", do_stable_layer_norm=False,
+        conv_bias=False, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+    ),
+    "large": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        conv_dim=(512,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
+        conv_bias=True, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+    ),
+}
+
+
+def random_config(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 32):
+    """HF config with real architecture shapes (no download): the basis of random_model."""
+    import transformers
+
+    if shape not in _SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(_SHAPES)}")
+    if arch not in SHORT_TO_ARCH:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(SHORT_TO_ARCH)}")
+    arch_name = SHORT_TO_ARCH[arch]
+    _, config_cls_name, _ = SUPPORTED_ARCHS[arch_name]
+    params = dict(_SHAPES[shape])
+    if arch == "data2vec-audio":
+        # data2vec-audio: layer-norm CNN with bias, 5 small positional convs instead of one big one
+        params.update(feat_extract_norm="layer", conv_bias=True)
+        params.pop("do_stable_layer_norm")
+        params.update(num_conv_pos_embedding_layers=5, conv_pos_kernel_size=19 if shape != "tiny" else 5)
+        params.pop("num_conv_pos_embeddings")
+    config_cls = getattr(transformers, config_cls_name)
+    return config_cls(
+        vocab_size=vocab_size, conv_kernel=_CONV_KERNEL, conv_stride=_CONV_STRIDE,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, ctc_loss_reduction="mean",
+        architectures=[arch_name], **params,
+    )
+
+
+def _char_vocab(vocab_size: int) -> list[str]:
+    if vocab_size < 5:
+        raise ValueError("vocab_size must be >= 5 (blank, specials and the word delimiter)")
+    vocab = CHAR_VOCAB[:vocab_size]
+    vocab += [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
+    return vocab
+
+
+def random_model(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 32,
+                 seed: int = 0) -> SpeechModel:
+    """Random-weight CTC model with real shapes: lets tests and benchmarks run with no hub."""
+    import transformers
+
+    config = random_config(shape, arch, vocab_size)
+    torch.manual_seed(seed)
+    model_cls = getattr(transformers, SUPPORTED_ARCHS[config.architectures[0]][0])
+    model = model_cls(config).eval()
+    return SpeechModel(
+        model=model, arch=config.architectures[0], vocab=_char_vocab(vocab_size), blank_id=0,
+        word_delimiter="|", sampling_rate=16000, do_normalize=True,
+        return_attention_mask=config.feat_extract_norm == "layer",
+        name=f"random-{arch}-{shape}",
+    )
+
+
+# ----------------------------------------------------------------------------- load / save
+
+
+def save_model(sm: SpeechModel, directory: str | Path) -> Path:
+    """Write an HF directory (safetensors + vocab.json + preprocessor_config.json)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sm.model.save_pretrained(directory, safe_serialization=True)
+    vocab = {tok: i for i, tok in enumerate(sm.vocab)}
+    (directory / "vocab.json").write_text(json.dumps(vocab, indent=1, ensure_ascii=False))
+    blank = sm.vocab[sm.blank_id]
+    tokenizer_config = {
+        "pad_token": blank, "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+        "word_delimiter_token": sm.word_delimiter, "do_lower_case": False,
+        "tokenizer_class": "Wav2Vec2CTCTokenizer",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+    preprocessor = {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+        "padding_side": "right", "padding_value": 0.0, "sampling_rate": sm.sampling_rate,
+        "do_normalize": sm.do_normalize, "return_attention_mask": sm.return_attention_mask,
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=1))
+    return directory
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
+def _load_vocab(directory: Path) -> tuple[list[str], int, str]:
+    vocab_path = directory / "vocab.json"
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"{directory}: no vocabulary (vocab.json missing); "
+                                "a CTC model needs its character vocabulary to decode")
+    raw = _read_json(vocab_path)
+    if raw and all(isinstance(v, dict) for v in raw.values()):  # multilingual {lang: {tok: id}}
+        raise ValueError(f"{vocab_path}: per-language vocabularies are not supported")
+    if not raw:
+        raise ValueError(f"{vocab_path}: empty vocabulary")
+    size = max(raw.values()) + 1
+    vocab = [f"<unused_{i}>" for i in range(size)]
+    for tok, i in raw.items():
+        vocab[i] = tok
+    tok_cfg_path = directory / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
+    pad = tok_cfg.get("pad_token", "<pad>")
+    pad = pad.get("content", "<pad>") if isinstance(pad, dict) else pad
+    delimiter = tok_cfg.get("word_delimiter_token", "|")
+    if pad not in raw:
+        raise ValueError(f"{vocab_path}: pad/blank token {pad!r} not in the vocabulary")
+    return vocab, raw[pad], delimiter
+
+
+def load_ctc_model(path: str | Path) -> SpeechModel:
+    """Load an HF CTC speech model from a local directory (safetensors only, never pickle)."""
+    import transformers
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory not found: {directory}")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory}: config.json missing")
+    config = _read_json(config_path)
+    archs = config.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHS), None)
+    if arch is None:
+        raise ValueError(f"{directory}: architecture {archs or '(none given)'} is not a supported "
+                         f"CTC model; supported: {', '.join(SUPPORTED_ARCHS)}")
+    has_safetensors = (directory / "model.safetensors").is_file() or \
+        (directory / "model.safetensors.index.json").is_file()
+    if not has_safetensors:
+        if any(directory.glob("pytorch_model*.bin")):
+            raise ValueError(f"{directory}: only pytorch_model.bin (pickle) found; refusing to "
+                             "unpickle weights. Convert to model.safetensors first.")
+        raise FileNotFoundError(f"{directory}: model.safetensors missing")
+    pre_path = directory / "preprocessor_config.json"
+    if not pre_path.is_file():
+        raise FileNotFoundError(f"{directory}: preprocessor_config.json missing")
+    pre = _read_json(pre_path)
+    vocab, blank_id, delimiter = _load_vocab(directory)
+
+    model_cls = getattr(transformers, SUPPORTED_ARCHS[arch][0])
+    model, info = model_cls.from_pretrained(
+        directory, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+        output_loading_info=True,
+    )
+    missing = [k for k in info.get("missing_keys", []) if "masked_spec_embed" not in k]
+    if missing:
+        raise ValueError(f"{directory}: checkpoint lacks weights for {len(missing)} parameters, "
+                         f"e.g. {sorted(missing)[:5]}")
+    if model.config.vocab_size != len(vocab):
+        log.warning("%s: lm_head has %d outputs but vocab.json has %d tokens",
+                    directory, model.config.vocab_size, len(vocab))
+    return SpeechModel(
+        model=model.eval(), arch=arch, vocab=vocab, blank_id=blank_id, word_delimiter=delimiter,
+        sampling_rate=int(pre.get("sampling_rate", 16000)),
+        do_normalize=bool(pre.get("do_normalize", True)),
+        return_attention_mask=bool(pre.get("return_attention_mask", False)),
+        name=directory.name,
+    )
+
+
+def resolve_model(name_or_dir: str | Path) -> SpeechModel:
+    """"demo" -> the bundled demo model; anything else must be a local model directory."""
+    if str(name_or_dir) == "demo":
+        try:
+            from recipes.demo import DEMO_MODEL_DIR
+        except ImportError as e:
+            raise FileNotFoundError(
+                "the demo model is not available (recipes.demo.DEMO_MODEL_DIR missing): "
+                f"{e}") from e
+        if not Path(DEMO_MODEL_DIR).is_dir():
+            raise FileNotFoundError(f"the demo model is not present yet at {DEMO_MODEL_DIR}")
+        return load_ctc_model(DEMO_MODEL_DIR)
+    if Path(name_or_dir).is_dir():
+        return load_ctc_model(name_or_dir)
+    raise FileNotFoundError(f"unknown model {str(name_or_dir)!r}: not 'demo' and not a directory")
