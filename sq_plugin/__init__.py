@@ -1,0 +1,31 @@
+"""sq-plugin: StableQuant post-training quantization for speech foundation models in ModelOpt.
+
+``import sq_plugin`` registers the ``"stablequant"`` calibration algorithm with ModelOpt, so
+``mtq.quantize(model, {"quant_cfg": ..., "algorithm": {"method": "stablequant", ...}}, loop)``
+works, and exposes the calibrator registry (built-ins + pluggy entry-point group ``sq_plugin``).
+"""
+
+from .hookspecs import hookimpl
+from .modelopt_glue import StableQuantCalibConfig, register, stablequant_calibrate
+from .registry import (
+    calibrator,
+    calibrator_class,
+    calibrator_names,
+    register_plugin,
+    unregister_plugin,
+)
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "StableQuantCalibConfig",
+    "calibrator",
+    "calibrator_class",
+    "calibrator_names",
+    "hookimpl",
+    "register_plugin",
+    "stablequant_calibrate",
+    "unregister_plugin",
+]

@@ -1,0 +1,109 @@
+"""The ``stablequant`` command: argument parsing only; the work happens in :mod:`recipes`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+DEFAULT_GRID = "0:0.5:0.01"
+
+
+def _grid(text: str) -> list[float]:
+    """``start:stop:step`` (inclusive) or a comma list, e.g. ``0:0.5:0.01`` or ``0,0.1,0.2``."""
+    from recipes.stablequant import parse_grid
+
+    try:
+        return parse_grid(text)
+    except ValueError as e:  # argparse turns this into a usage error naming the value
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_common(p: argparse.ArgumentParser, data_args: tuple[str, ...] = ()) -> None:
+    p.add_argument("--model", default="demo", help="'demo' (shipped) or a local HF model directory")
+    for name in data_args:
+        p.add_argument(f"--{name}", default=None, help=f"{name} data: LibriSpeech dir, fairseq .tsv or plain TSV (default: the demo set)")
+    p.add_argument("--limit", type=int, default=None, help="deterministic subset of N utterances per data set")
+    p.add_argument("--batch-seconds", type=float, default=32.0, help="audio seconds per padded batch")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable audio files (reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stablequant",
+        description="StableQuant post-training quantization for speech foundation models (NVIDIA ModelOpt plugin).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="run StableQuant (Algorithm 1) and write a ModelOpt config + report")
+    _add_common(q, ("calib", "dev"))
+    q.add_argument("--bits", type=int, default=8, help="bits for weights and activations")
+    q.add_argument("--wbits", type=int, default=None, help="weight bits (default: --bits)")
+    q.add_argument("--gamma", type=float, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
+    q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
+    q.add_argument("--num-bins", type=int, default=2048)
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--overwrite", action="store_true", help="write into an existing output directory")
+    q.add_argument("--resume", action="store_true", help="resume from OUT/state.json")
+    q.add_argument("--naive-stage1", action="store_true", help="re-run the whole model per layer (benchmark only)")
+
+    c = sub.add_parser("compare", help="the paper's Tables I and II on this model")
+    _add_common(c, ("calib", "dev", "test"))
+    c.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
+    c.add_argument("--gamma", type=float, default=0.25)
+    c.add_argument("--grid", type=_grid, default=DEFAULT_GRID)
+    c.add_argument("--num-bins", type=int, default=2048)
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--resume", action="store_true")
+
+    e = sub.add_parser("eval", help="WER/CER of a model (optionally quantized by a ModelOpt config, or an ONNX file)")
+    _add_common(e, ("data",))
+    e.add_argument("--config", default=None, help="modelopt_config.json written by 'stablequant quantize'")
+    e.add_argument("--calib", default=None, help="calibration data for --config (default: the demo set)")
+    e.add_argument("--onnx", default=None, help="evaluate an exported ONNX model with ONNX Runtime")
+
+    x = sub.add_parser("export", help="Q/DQ ONNX export (and TensorRT engine where available)")
+    _add_common(x, ("calib",))
+    x.add_argument("--config", default=None, help="modelopt_config.json (from 'stablequant quantize')")
+    x.add_argument("--onnx", required=True, help="output .onnx path")
+    x.add_argument("--engine", default=None, help="also build a TensorRT engine (needs tensorrt + a GPU)")
+    x.add_argument("--allow-fp32", action="store_true", help="allow exporting an unquantized model")
+    x.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("calibrators", help="list the registered calibrators (built-in and plugins)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as e:
+        if getattr(args, "log_level", "WARNING") == "DEBUG":
+            raise
+        print(f"stablequant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "calibrators":
+        import sq_plugin
+
+        for name in sq_plugin.calibrator_names():
+            cls = sq_plugin.calibrator_class(name)
+            print(f"{name:12s} {cls.__module__}.{cls.__qualname__}")
+        return 0
+    from recipes import workflows
+
+    result = getattr(workflows, f"run_{args.command}")(args)
+    if result is not None and args.command == "eval":
+        print(json.dumps({k: v for k, v in result.items() if k != "hyps"}, indent=2))
+    return 0
