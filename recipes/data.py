@@ -1,0 +1,275 @@
+"""Speech data readers: LibriSpeech trees, fairseq manifests and plain TSVs -> padded batches.
+
+Audio is decoded once by make_batches and kept in memory, because the recipe evaluates the same
+dev set many times (once per calibration candidate).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = (".flac", ".wav")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str
+    path: Path
+    text: str
+
+
+@dataclass
+class Batch:
+    """Padded model inputs plus what evaluation needs to score them."""
+
+    input_values: torch.Tensor  # [B, T] float32
+    attention_mask: torch.Tensor | None  # [B, T] long, only if the model was trained with one
+    lengths: torch.Tensor  # [B] samples before padding
+    texts: list[str]
+    ids: list[str]
+
+
+class BatchList(list):
+    """List of Batch; `skipped` names utterances dropped as unreadable (skip_bad=True)."""
+
+    def __init__(self, batches=(), skipped: list[str] | None = None, sampling_rate: int = 16000):
+        super().__init__(batches)
+        self.skipped = skipped or []
+        self.sampling_rate = sampling_rate
+
+    @property
+    def num_utterances(self) -> int:
+        return sum(len(b.ids) for b in self)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(int(b.lengths.sum()) for b in self)) / self.sampling_rate
+
+
+class AudioError(RuntimeError):
+    """Unreadable or corrupt audio file (the message names it)."""
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _inside(root: Path, rel: str, where: str) -> Path:
+    """Join a manifest path onto its root, refusing anything that would escape the root."""
+    root_abs = os.path.normpath(os.path.abspath(root))
+    full = os.path.normpath(os.path.join(root_abs, rel))
+    if os.path.commonpath([root_abs, full]) != root_abs:
+        raise ValueError(f"{where}: audio path {rel!r} escapes the manifest root {root_abs}")
+    return Path(full)
+
+
+def _require_file(path: Path, where: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: audio file not found: {path}")
+    return path
+
+
+def read_librispeech(root: str | Path) -> list[Utterance]:
+    """LibriSpeech layout: SPK/CHAP/SPK-CHAP-UTT.flac with SPK-CHAP.trans.txt beside them."""
+    root = Path(root)
+    trans_files = sorted(root.rglob("*.trans.txt"))
+    if not trans_files:
+        raise FileNotFoundError(f"{root}: no LibriSpeech transcripts (*.trans.txt) found")
+    utts = []
+    for trans in trans_files:
+        for lineno, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"{trans}:{lineno}"
+            utt_id, _, text = line.strip().partition(" ")
+            if not utt_id:
+                raise ValueError(f"{where}: empty transcript line")
+            if not text.strip():
+                raise ValueError(f"{where}: empty transcript for {utt_id}")
+            candidates = [trans.parent / f"{utt_id}{s}" for s in AUDIO_SUFFIXES]
+            audio = next((c for c in candidates if c.is_file()), None)
+            if audio is None:
+                raise FileNotFoundError(f"{where}: audio file not found: {candidates[0]}")
+            utts.append(Utterance(utt_id, audio, text.strip()))
+    return sorted(utts, key=lambda u: u.id)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def read_fairseq_manifest(tsv: str | Path) -> list[Utterance]:
+    """fairseq manifest: line 1 is the root, then relpath<TAB>num_samples; text in .wrd or .ltr."""
+    tsv = Path(tsv)
+    lines = _read_lines(tsv)
+    if not lines:
+        raise ValueError(f"{tsv}: empty manifest")
+    root = Path(lines[0].strip())
+    if not root.is_absolute():
+        root = tsv.parent / root
+    if not root.is_dir():
+        raise FileNotFoundError(f"{tsv}:1: manifest root directory not found: {root}")
+    entries = [(n, line) for n, line in enumerate(lines[1:], 2) if line.strip()]
+
+    wrd, ltr = tsv.with_suffix(".wrd"), tsv.with_suffix(".ltr")
+    if wrd.is_file():
+        label_path, letters = wrd, False
+    elif ltr.is_file():
+        label_path, letters = ltr, True
+    else:
+        raise FileNotFoundError(f"{tsv}: no transcripts: neither {wrd.name} nor {ltr.name} exists")
+    labels = _read_lines(label_path)
+    if len(labels) != len(entries):
+        raise ValueError(f"{label_path}: {len(labels)} transcript lines but {tsv.name} lists "
+                         f"{len(entries)} audio files")
+    utts = []
+    for (lineno, entry), (label_no, label) in zip(entries, enumerate(labels, 1)):
+        where = f"{tsv}:{lineno}"
+        rel = entry.split("\t")[0].strip()
+        audio = _require_file(_inside(root, rel, where), where)
+        text = label.replace(" ", "").replace("|", " ") if letters else label
+        if not text.strip():
+            raise ValueError(f"{label_path}:{label_no}: empty transcript for {rel}")
+        utts.append(Utterance(Path(rel).with_suffix("").as_posix(), audio, " ".join(text.split())))
+    return utts
+
+
+def read_plain_tsv(tsv: str | Path) -> list[Utterance]:
+    """Plain TSV: audio_path<TAB>transcript per line, paths relative to the TSV's directory."""
+    tsv = Path(tsv)
+    utts = []
+    for lineno, line in enumerate(_read_lines(tsv), 1):
+        where = f"{tsv}:{lineno}"
+        if not line.strip():
+            raise ValueError(f"{where}: empty line (expected audio_path<TAB>transcript)")
+        rel, sep, text = line.partition("\t")
+        if not sep or not text.strip():
+            raise ValueError(f"{where}: empty transcript for {rel.strip()!r}")
+        audio = _require_file(_inside(tsv.parent, rel.strip(), where), where)
+        utts.append(Utterance(Path(rel.strip()).with_suffix("").as_posix(), audio,
+                              " ".join(text.split())))
+    return utts
+
+
+def detect_format(path: str | Path) -> str:
+    """'librispeech' for a directory; 'fairseq' if the TSV's first line is a root (no tab)."""
+    path = Path(path)
+    if path.is_dir():
+        return "librispeech"
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        first = f.readline().rstrip("\n")
+    return "plain" if "\t" in first else "fairseq"
+
+
+def open_dataset(path: str | Path) -> list[Utterance]:
+    """Read any supported dataset format (auto-detected) into a list of utterances."""
+    fmt = detect_format(path)
+    reader = {"librispeech": read_librispeech, "fairseq": read_fairseq_manifest,
+              "plain": read_plain_tsv}[fmt]
+    utts = reader(path)
+    if not utts:
+        raise ValueError(f"{path}: dataset is empty")
+    log.info("%s: %d utterances (%s format)", path, len(utts), fmt)
+    return utts
+
+
+# ----------------------------------------------------------------------------- audio
+
+
+def load_audio(path: str | Path, sampling_rate: int = 16000) -> np.ndarray:
+    """Decode to float32 mono at `sampling_rate` (stereo averaged, other rates resampled)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile raises several types for corrupt/unknown files
+        raise AudioError(f"{path}: cannot read audio ({e})") from e
+    if wav.shape[0] == 0:
+        raise AudioError(f"{path}: audio file has no samples")
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    if sr != sampling_rate:
+        g = gcd(sr, sampling_rate)
+        log.info("%s: resampling %d Hz -> %d Hz", path, sr, sampling_rate)
+        wav = resample_poly(wav, sampling_rate // g, sr // g).astype(np.float32)
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{path}: audio contains NaN/Inf samples")
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def normalize_waveform(wav: np.ndarray) -> np.ndarray:
+    """Zero-mean unit-variance per utterance, as Wav2Vec2FeatureExtractor does (eps 1e-7)."""
+    return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def select_subset(utts: list[Utterance], limit: int | None, seed: int = 0) -> list[Utterance]:
+    """Deterministic (seeded) subset of `limit` utterances, kept in dataset order."""
+    if limit is None or limit >= len(utts):
+        return list(utts)
+    if limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    keep = sorted(random.Random(seed).sample(range(len(utts)), limit))
+    return [utts[i] for i in keep]
+
+
+def _collate(items: list[tuple[Utterance, np.ndarray]], with_mask: bool) -> Batch:
+    lengths = [len(w) for _, w in items]
+    max_len = max(lengths)
+    x = torch.zeros(len(items), max_len, dtype=torch.float32)
+    mask = torch.zeros(len(items), max_len, dtype=torch.long)
+    for i, (_, w) in enumerate(items):
+        x[i, : len(w)] = torch.from_numpy(w)
+        mask[i, : len(w)] = 1
+    return Batch(x, mask if with_mask else None, torch.tensor(lengths, dtype=torch.long),
+                 [u.text for u, _ in items], [u.id for u, _ in items])
+
+
+def make_batches(utts: list[Utterance], sm, batch_seconds: float = 60.0, limit: int | None = None,
+                 seed: int = 0, skip_bad: bool = False) -> BatchList:
+    """Load audio once and group it into length-sorted padded batches.
+
+    `sm` is a SpeechModel (or anything with sampling_rate, do_normalize, return_attention_mask).
+    A batch holds at most `batch_seconds` of padded audio (always at least one utterance).
+    """
+    sr = int(getattr(sm, "sampling_rate", 16000))
+    do_normalize = bool(getattr(sm, "do_normalize", True))
+    with_mask = bool(getattr(sm, "return_attention_mask", False))
+    loaded, skipped = [], []
+    for utt in select_subset(utts, limit, seed):
+        try:
+            wav = load_audio(utt.path, sr)
+        except AudioError as e:
+            if not skip_bad:
+                raise
+            log.warning("skipping unreadable audio: %s", e)
+            skipped.append(str(utt.path))
+            continue
+        loaded.append((utt, normalize_waveform(wav) if do_normalize else wav))
+    if skipped:
+        log.warning("skipped %d unreadable audio file(s)", len(skipped))
+    if not loaded:
+        raise ValueError("no readable utterances to batch")
+
+    loaded.sort(key=lambda item: (len(item[1]), item[0].id))
+    budget = batch_seconds * sr
+    batches, current = [], []
+    for item in loaded:
+        # sorted ascending, so the newest item is the longest: padded size = len * count
+        if current and len(item[1]) * (len(current) + 1) > budget:
+            batches.append(_collate(current, with_mask))
+            current = []
+        current.append(item)
+    batches.append(_collate(current, with_mask))
+    return BatchList(batches, skipped, sr)
