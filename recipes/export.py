@@ -1,0 +1,459 @@
+"""Deployment export: ModelOpt fake-quant CTC model -> Q/DQ ONNX with int8 weights -> TensorRT.
+
+The ONNX file is what ONNX Runtime and TensorRT consume: symmetric int8 QuantizeLinear /
+DequantizeLinear (zero point 0), per-channel weight scales on the output-channel axis, per-tensor
+activation scales, and weights stored as int8 initialisers feeding DequantizeLinear so the file
+is ~4x smaller than fp32. Quantizers narrower than 8 bits (W6/W4) are stored in the int8
+container: scale amax/31 or amax/7 and values clipped to the narrow range, which reproduces the
+fake-quant numerics exactly; the file's metadata says so.
+
+We emit the Q/DQ nodes with our own ONNX symbolic (through ModelOpt's quant-backend hook) rather
+than ModelOpt's ``export_int8``, because that one only accepts 8 bits, cannot express the narrow
+integer range, and adds a float->float Cast after every activation quantizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from torch.onnx import symbolic_helper
+
+log = logging.getLogger(__name__)
+
+EXPORT_BACKEND = "sq_onnx_qdq"
+INT8_MIN, INT8_MAX = -128, 127
+MIN_OPSET = 17
+META_PREFIX = "sq."
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked (the message names the quantizer or the reason)."""
+
+
+# ----------------------------------------------------------------------------- quantizer specs
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What one enabled TensorQuantizer means in integer terms."""
+
+    name: str
+    num_bits: int
+    qmin: int  # lowest integer level the fake-quant produces
+    qmax: int
+    axis: int | None  # per-channel axis, None = per-tensor
+    amax: torch.Tensor  # as stored by ModelOpt (keepdims shape for per-channel)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """amax / qmax, with 1.0 where amax is 0 (as ModelOpt's own ONNX export does)."""
+        scale = self.amax.detach().float() / self.qmax
+        return scale.masked_fill(scale == 0, 1.0)
+
+    @property
+    def needs_clip(self) -> bool:
+        """Narrower than int8's saturation range, so an explicit clip must come first."""
+        return (self.qmin, self.qmax) != (INT8_MIN, INT8_MAX)
+
+
+def _single_axis(quantizer, name: str) -> int | None:
+    axis = quantizer.axis
+    if isinstance(axis, (tuple, list)):
+        if len(axis) != 1:
+            raise ExportError(f"{name}: quantization over axes {tuple(axis)} cannot be expressed "
+                              "in ONNX (one per-channel axis at most)")
+        axis = axis[0]
+    return axis
+
+
+def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
+    """Validate every enabled quantizer for int8-container Q/DQ export and describe it.
+
+    Raises ExportError naming the first quantizer that is not symmetric signed 4..8-bit integer
+    with a calibrated (static) amax.
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    specs = {}
+    for name, q in model.named_modules():
+        if not isinstance(q, TensorQuantizer) or not q.is_enabled or not q._if_quant:
+            continue
+        bits = q.num_bits
+        if not isinstance(bits, int) or not 4 <= bits <= 8:
+            raise ExportError(f"{name}: num_bits={bits!r} is not supported; Q/DQ export needs "
+                              "integer quantization with 4..8 bits")
+        if q.unsigned:
+            raise ExportError(f"{name}: unsigned quantization is not supported (symmetric int8 "
+                              "with zero point 0 only)")
+        if q.bias is not None:
+            raise ExportError(f"{name}: asymmetric quantization (bias {q.bias}) is not supported; "
+                              "zero point must be 0")
+        if q.block_sizes:
+            raise ExportError(f"{name}: block quantization {q.block_sizes} is not supported")
+        if getattr(q, "backend", None) not in (None, EXPORT_BACKEND):
+            raise ExportError(f"{name}: custom quant backend {q.backend!r} has no ONNX form")
+        if q.rotate_is_enabled:
+            raise ExportError(f"{name}: rotated (Hadamard) quantization is not supported")
+        amax = getattr(q, "_amax", None)
+        if amax is None:
+            raise ExportError(f"{name}: no amax (not calibrated or dynamic); calibrate and load "
+                              "amax before export")
+        if not torch.isfinite(amax).all() or (amax < 0).any():
+            raise ExportError(f"{name}: amax has negative or non-finite values")
+        axis = _single_axis(q, name) if amax.numel() > 1 else None
+        qmax = (1 << (bits - 1)) - 1
+        specs[name] = QuantSpec(name, bits, -qmax if q.narrow_range else -qmax - 1, qmax, axis,
+                                amax.detach().clone())
+    return specs
+
+
+# ----------------------------------------------------------------------------- ONNX symbolic
+
+
+class _QDQ(torch.autograd.Function):
+    """Fake-quant in torch (ModelOpt's own kernel), Clip? -> QuantizeLinear -> DequantizeLinear in ONNX."""
+
+    @staticmethod
+    def forward(ctx, inputs, amax, num_bits, narrow_range, axis, qmin, qmax):
+        from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
+
+        return fake_tensor_quant(inputs, amax, None, num_bits, False, narrow_range)
+
+    @staticmethod
+    @symbolic_helper.parse_args("v", "t", "i", "b", "i", "i", "i")
+    def symbolic(g, inputs, amax, num_bits, narrow_range, axis, qmin, qmax):
+        spec = QuantSpec("", num_bits, qmin, qmax, axis, amax)
+        scale_kd = spec.scale  # keepdims shape: broadcasts against the input for the clip
+        if spec.needs_clip:
+            hi = g.op("Constant", value_t=scale_kd * qmax)
+            lo = g.op("Constant", value_t=scale_kd * qmin)
+            inputs = g.op("Max", g.op("Min", inputs, hi), lo)
+        scale = scale_kd.reshape(-1) if axis is not None else scale_kd.reshape(())
+        scale_c = g.op("Constant", value_t=scale)
+        zero_c = g.op("Constant", value_t=torch.zeros(scale.shape, dtype=torch.int8))
+        axis_kw = {} if axis is None else {"axis_i": axis}
+        quantized = g.op("QuantizeLinear", inputs, scale_c, zero_c, **axis_kw)
+        return g.op("DequantizeLinear", quantized, scale_c, zero_c, **axis_kw)
+
+
+def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
+    amax = quantizer._get_amax(inputs)
+    bits = quantizer.num_bits
+    qmax = (1 << (bits - 1)) - 1
+    qmin = -qmax if quantizer.narrow_range else -qmax - 1
+    axis = _single_axis(quantizer, "quantizer") if amax.numel() > 1 else None
+    return _QDQ.apply(inputs, amax, bits, quantizer.narrow_range, axis, qmin, qmax)
+
+
+@contextlib.contextmanager
+def _qdq_backend(model: nn.Module, specs: dict[str, QuantSpec]) -> Iterator[None]:
+    """Route the enabled quantizers through our symbolic for the duration of the export."""
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        is_registered_quant_backend,
+        register_quant_backend,
+    )
+
+    if not is_registered_quant_backend(EXPORT_BACKEND):
+        register_quant_backend(EXPORT_BACKEND, _export_entrypoint)
+    modules = dict(model.named_modules())
+    saved = {name: getattr(modules[name], "backend", None) for name in specs}
+    try:
+        for name in specs:
+            modules[name].backend = EXPORT_BACKEND
+        yield
+    finally:
+        for name, backend in saved.items():
+            modules[name].backend = backend
+
+
+# ----------------------------------------------------------------------------- graph rewrite
+
+
+def quantize_like_ort(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+    """int8 QuantizeLinear exactly as ONNX Runtime computes it: x / scale, round half to even,
+    saturate to [-128, 127], all in float32."""
+    scale = np.asarray(scale, dtype=np.float32)
+    if axis is not None and scale.ndim == 1:
+        shape = [1] * x.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+    q = np.rint(x.astype(np.float32) / scale)
+    return np.clip(q, INT8_MIN, INT8_MAX).astype(np.int8)
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every constant tensor of the graph by name: initialisers and Constant-node outputs."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _fold_constant_clip(name: str, producers, consts) -> tuple[np.ndarray, list] | None:
+    """Value of `name` if it is a constant, possibly through our Min/Max clip; plus those nodes."""
+    if name in consts:
+        return consts[name], []
+    node = producers.get(name)
+    if node is None or node.op_type not in ("Min", "Max") or len(node.input) != 2:
+        return None
+    a = _fold_constant_clip(node.input[0], producers, consts)
+    if a is None or node.input[1] not in consts:
+        return None
+    op = np.minimum if node.op_type == "Min" else np.maximum
+    return op(a[0], consts[node.input[1]]).astype(np.float32), a[1] + [node]
+
+
+def fold_weight_quantizers(model_proto: onnx.ModelProto) -> int:
+    """Replace each constant-weight -> [clip] -> QuantizeLinear by an int8 initialiser.
+
+    The DequantizeLinear stays, so the graph keeps the Q/DQ meaning while the file stores int8.
+    Returns how many weights were folded.
+    """
+    graph = model_proto.graph
+    consts = constant_values(graph)
+    producers = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for inp in n.input:
+            consumers.setdefault(inp, []).append(n)
+
+    dead, new_inits, folded = set(), [], 0
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        found = _fold_constant_clip(node.input[0], producers, consts)
+        if found is None:
+            continue  # activation: computed at run time
+        weight, clip_nodes = found
+        users = consumers.get(node.output[0], [])
+        if not users or any(u.op_type != "DequantizeLinear" for u in users):
+            raise ExportError(f"{node.name}: weight QuantizeLinear not followed by DequantizeLinear")
+        scale = consts[node.input[1]]
+        axis = _attr(node, "axis", 1) if scale.ndim == 1 else None
+        base = node.input[0] if node.input[0] in consts else clip_nodes[0].input[0]
+        int8_name = f"{base}_int8"
+        new_inits.append(numpy_helper.from_array(quantize_like_ort(weight, scale, axis), int8_name))
+        for user in users:
+            user.input[0] = int8_name
+        dead.update(id(n) for n in [node, *clip_nodes])
+        folded += 1
+
+    kept = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(new_inits)
+    _prune_unused(graph)
+    return folded
+
+
+def _prune_unused(graph: onnx.GraphProto) -> None:
+    """Drop initialisers and Constant nodes nothing reads any more (the fp32 weights)."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead_consts = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
+        if not dead_consts:
+            break
+        for n in dead_consts:
+            graph.node.remove(n)
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+class _LogitsOnly(nn.Module):
+    """HF CTC models return a ModelOutput; ONNX wants one named tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        return self.model(input_values).logits
+
+
+def _speech_metadata(source) -> dict[str, str]:
+    """Decoder facts (vocab, blank id, sampling rate, normalisation) so the .onnx is self-describing."""
+    fields = {"vocab": "vocab", "blank_id": "blank_id", "word_delimiter": "word_delimiter",
+              "sampling_rate": "sampling_rate", "do_normalize": "do_normalize",
+              "arch": "arch", "name": "model_name"}
+    meta = {}
+    for attr, key in fields.items():
+        if hasattr(source, attr):
+            meta[META_PREFIX + key] = json.dumps(getattr(source, attr))
+    return meta
+
+
+def _container_note(specs: dict[str, QuantSpec]) -> str | None:
+    narrow = sorted({s.num_bits for s in specs.values() if s.num_bits < 8})
+    if not narrow:
+        return None
+    parts = [f"{b}-bit quantizers use the int8 container: scale=amax/{(1 << (b - 1)) - 1}, "
+             f"integers clipped to [{-(1 << (b - 1))}, {(1 << (b - 1)) - 1}] "
+             f"({sum(s.num_bits == b for s in specs.values())} quantizers)" for b in narrow]
+    return "; ".join(parts) + ". Storage and compute are int8; accuracy is that of the narrow grid."
+
+
+def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, opset: int = MIN_OPSET,
+                allow_fp32: bool = False, bits_note: str | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Export a ModelOpt-quantized HF CTC model (or a SpeechModel) to Q/DQ ONNX with int8 weights.
+
+    Input ``input_values`` [batch, samples] (already normalised if the model expects it), output
+    ``logits`` [batch, frames, vocab]; both batch and length are dynamic. ``bits_note`` is extra
+    free text stored with the int8-container note. The file appears atomically or not at all.
+    """
+    from recipes.models import remove_weight_norm
+
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} < {MIN_OPSET}: per-channel int8 Q/DQ needs opset >= 13 "
+                          f"and LayerNormalization >= 17")
+    speech = model if hasattr(model, "model") and isinstance(model.model, nn.Module) else None
+    net = speech.model if speech is not None else model
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"expected an nn.Module or SpeechModel, got {type(model).__name__}")
+
+    # Weight-norm parametrization would be exported as its g*v/|v| computation on every run.
+    remove_weight_norm(net)
+    specs = quant_specs(net)
+    if not specs and not allow_fp32:
+        raise ExportError("model has no enabled quantizer with a calibrated amax; quantize it "
+                          "first (mtq.quantize) or pass allow_fp32=True for a float export")
+    note = _container_note(specs)
+    if note:
+        log.warning("ONNX export: %s", note)
+
+    meta = {META_PREFIX + "precision": "int8-qdq" if specs else "fp32",
+            META_PREFIX + "num_quantizers": str(len(specs)),
+            META_PREFIX + "bits": json.dumps(sorted({s.num_bits for s in specs.values()}))}
+    meta.update(_speech_metadata(speech) if speech is not None else {})
+    if note or bits_note:
+        meta[META_PREFIX + "container_note"] = " ".join(filter(None, [note, bits_note]))
+    meta.update(metadata or {})
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sampling_rate = int(getattr(speech, "sampling_rate", 16000))
+    # Batch 2 at trace time so nothing gets specialised to a single-item batch.
+    sample = torch.randn(2, max(int(sample_seconds * sampling_rate), 400))
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad(), _qdq_backend(net, specs):
+            torch.onnx.export(
+                _LogitsOnly(net), (sample,), tmp, input_names=["input_values"],
+                output_names=["logits"], opset_version=opset, dynamo=False,
+                dynamic_axes={"input_values": {0: "batch", 1: "samples"},
+                              "logits": {0: "batch", 1: "frames"}},
+            )
+        proto = onnx.load(tmp)
+        folded = fold_weight_quantizers(proto)
+        log.info("ONNX export: %d quantizers, %d weights stored as int8", len(specs), folded)
+        for key, value in meta.items():
+            proto.metadata_props.add(key=key, value=value)
+        proto.producer_name = "sq-plugin"
+        onnx.save(proto, tmp)
+        onnx.checker.check_model(tmp)
+        os.replace(tmp, out_path)
+    finally:
+        net.train(was_training)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_path
+
+
+def read_metadata(onnx_path: str | Path) -> dict[str, object]:
+    """The ``sq.*`` metadata written by export_onnx, JSON-decoded where possible."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    meta = {}
+    for prop in proto.metadata_props:
+        if prop.key.startswith(META_PREFIX):
+            key = prop.key[len(META_PREFIX):]
+            try:
+                meta[key] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                meta[key] = prop.value
+    return meta
+
+
+# ----------------------------------------------------------------------------- TensorRT
+
+
+def _require_tensorrt():
+    """TensorRT module, or a one-line RuntimeError naming what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise RuntimeError(f"TensorRT engine build needs the `tensorrt` Python package, which is "
+                           f"not importable here ({e})") from None
+    if not torch.cuda.is_available():
+        raise RuntimeError("TensorRT engine build needs a CUDA GPU, and none is visible "
+                           "(torch.cuda.is_available() is False)")
+    return trt
+
+
+def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, *,
+                     min_seconds: float = 0.5, opt_seconds: float = 10.0, max_seconds: float = 30.0,
+                     max_batch: int = 8, sampling_rate: int = 16000,
+                     workspace_gib: float = 4.0) -> Path:
+    """Build a strongly typed TensorRT 10 engine from the Q/DQ ONNX (int8 where Q/DQ says so).
+
+    Strongly typed: precisions come from the Q/DQ nodes, not from builder flags, so the engine
+    runs exactly the int8 ops the ONNX describes.
+    """
+    trt = _require_tensorrt()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    samples = [int(s * sampling_rate) for s in (min_seconds, opt_seconds, max_seconds)]
+    profile.set_shape("input_values", (1, samples[0]), (1, samples[1]), (max_batch, samples[2]))
+    config.add_optimization_profile(profile)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=engine_path.parent, prefix=f".{engine_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(serialized)
+        os.replace(tmp, engine_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return engine_path
