@@ -133,3 +133,28 @@ def test_evaluate_uses_output_lengths():
     out = evaluate(sm, [batch], progress=False)
     assert out["hyps"] == ["A BC", "CA"]
     assert out["wer"] == 0.0 and out["cer"] == 0.0 and out["n"] == 2
+
+
+def test_run_eval_end_to_end(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    from recipes.evaluate import run_eval
+    from recipes.models import random_model, save_model
+
+    save_model(random_model("tiny", "wav2vec2"), tmp_path / "model")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        sf.write(tmp_path / f"a{i}.flac", (0.1 * rng.standard_normal(4000 * (i + 1))).astype("float32"), 16000)
+    (tmp_path / "l.tsv").write_text("".join(f"a{i}.flac\tHELLO {i}\n" for i in range(3)))
+    out = run_eval(str(tmp_path / "model"), tmp_path / "l.tsv", limit=2, progress=False)
+    assert out["n"] == 2 and len(out["hyps"]) == 2 and out["wer"] >= 0
+    table = capsys.readouterr().out
+    assert "WER" in table and "CER" in table and "Wav2Vec2ForCTC" in table
+
+
+def test_run_eval_needs_data_for_non_demo_model(tmp_path):
+    from recipes.evaluate import load_eval_data
+
+    with pytest.raises(ValueError, match="--data"):
+        load_eval_data(str(tmp_path), None)
