@@ -1,0 +1,37 @@
+"""StableQuant calibration math and ModelOpt calibrators (independent of sq_plugin/recipes)."""
+
+from .calibrator import (
+    EntropyCalibrator,
+    HistogramCalibratorBase,
+    MaxHistCalibrator,
+    MSECalibrator,
+    PercentileCalibrator,
+    StableQuantCalibrator,
+)
+from .histogram import AbsHistogram
+from .search import (
+    clip_index,
+    entropy_amax,
+    max_amax,
+    mse_amax,
+    percentile_amax,
+    stablequant_amax,
+    stablequant_amax_grid,
+)
+
+__all__ = [
+    "AbsHistogram",
+    "EntropyCalibrator",
+    "HistogramCalibratorBase",
+    "MSECalibrator",
+    "MaxHistCalibrator",
+    "PercentileCalibrator",
+    "StableQuantCalibrator",
+    "clip_index",
+    "entropy_amax",
+    "max_amax",
+    "mse_amax",
+    "percentile_amax",
+    "stablequant_amax",
+    "stablequant_amax_grid",
+]

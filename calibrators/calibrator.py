@@ -1,0 +1,130 @@
+"""ModelOpt calibrators that collect one exact |x| histogram and search it.
+
+All of them share :class:`HistogramCalibratorBase` (collection, reset, validation); a
+subclass only says which search function in :mod:`calibrators.search` turns the
+histogram into an amax.  ``num_bits``/``unsigned`` are read at compute time because
+ModelOpt's ``TensorQuantizer`` overwrites ``_num_bits``/``_unsigned`` on the calibrator
+after constructing it.
+"""
+
+from __future__ import annotations
+
+import torch
+from modelopt.torch.quantization.calib.calibrator import _Calibrator
+
+from . import search
+from .histogram import AbsHistogram
+
+__all__ = [
+    "EntropyCalibrator",
+    "HistogramCalibratorBase",
+    "MaxHistCalibrator",
+    "MSECalibrator",
+    "PercentileCalibrator",
+    "StableQuantCalibrator",
+]
+
+
+class HistogramCalibratorBase(_Calibrator):
+    """Per-tensor calibrator owning one :class:`AbsHistogram`; subclasses implement ``_search``."""
+
+    def __init__(self, num_bits=8, axis=None, unsigned=False, num_bins=2048):
+        if axis is not None:
+            raise ValueError(
+                f"per-channel (axis={axis!r}) histogram calibration is not supported; use "
+                "ModelOpt's MaxCalibrator (calibrator='max') for per-channel quantizers"
+            )
+        super().__init__(num_bits, axis, unsigned)
+        self._num_bins = num_bins
+        self._hist = AbsHistogram(num_bins)
+
+    @property
+    def histogram(self) -> AbsHistogram:
+        """The collected histogram (read-only use)."""
+        return self._hist
+
+    @torch.no_grad()
+    def collect(self, x: torch.Tensor) -> None:
+        """Add |x| to the histogram (meta tensors, used by ModelOpt for shape tracing, are ignored)."""
+        if x.device.type == "meta":
+            return
+        self._hist.add(x)
+
+    def reset(self) -> None:
+        """Drop everything collected."""
+        self._hist = AbsHistogram(self._num_bins)
+
+    def _checked_inputs(self):
+        """(counts, edges, amax) after checking data exists and the bit width is valid."""
+        if self._hist.total == 0:
+            raise RuntimeError(f"{type(self).__name__}: compute_amax called before collect")
+        search._check_bits(self._num_bits)
+        return self._hist.counts_numpy(), self._hist.edges(), self._hist.amax
+
+    def compute_amax(self) -> torch.Tensor:
+        """Amax as a float32 scalar tensor."""
+        return torch.tensor(self._search(*self._checked_inputs()), dtype=torch.float32)
+
+    def _search(self, counts, edges, amax) -> float:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({super().__repr__()} {self._hist!r})"
+
+
+class StableQuantCalibrator(HistogramCalibratorBase):
+    """StableQuant (Algorithm 2): percentile clipping at ``cutoff`` % then optional MSE search."""
+
+    def __init__(self, num_bits=8, axis=None, unsigned=False, num_bins=2048, cutoff=0.0, mse=True):
+        super().__init__(num_bits, axis, unsigned, num_bins)
+        search._check_cutoff(cutoff)
+        self._cutoff = float(cutoff)
+        self._mse = bool(mse)
+
+    def compute_amax(self, cutoff: float | None = None, mse: bool | None = None) -> torch.Tensor:
+        """Amax for ``cutoff``/``mse`` (None: the constructor's values)."""
+        cutoff = self._cutoff if cutoff is None else cutoff
+        mse = self._mse if mse is None else mse
+        return self.amax_grid([cutoff], mse=mse)[0]
+
+    def amax_grid(self, cutoffs, mse: bool = True) -> torch.Tensor:
+        """One amax per cut-off from the same histogram (float32 tensor), in one search."""
+        counts, edges, amax = self._checked_inputs()
+        values = search.stablequant_amax_grid(
+            counts, edges, amax, cutoffs, self._num_bits, self._unsigned, mse
+        )
+        return torch.tensor(values, dtype=torch.float32)
+
+
+class MaxHistCalibrator(HistogramCalibratorBase):
+    """MAX baseline: exact max |x| (the histogram comes for free for later analysis)."""
+
+    def _search(self, counts, edges, amax):
+        return search.max_amax(counts, edges, amax)
+
+
+class PercentileCalibrator(HistogramCalibratorBase):
+    """Percentile baseline: clip at ``percentile`` (in [50, 100])."""
+
+    def __init__(self, num_bits=8, axis=None, unsigned=False, num_bins=2048, percentile=99.99):
+        super().__init__(num_bits, axis, unsigned, num_bins)
+        if not 50.0 <= float(percentile) <= 100.0:
+            raise ValueError(f"percentile must be in [50, 100], got {percentile!r}")
+        self._percentile = float(percentile)
+
+    def _search(self, counts, edges, amax):
+        return search.percentile_amax(counts, edges, amax, self._percentile)
+
+
+class MSECalibrator(HistogramCalibratorBase):
+    """MSE baseline: StableQuant without clipping."""
+
+    def _search(self, counts, edges, amax):
+        return search.mse_amax(counts, edges, amax, self._num_bits, self._unsigned)
+
+
+class EntropyCalibrator(HistogramCalibratorBase):
+    """Entropy (KL) baseline, TensorRT style."""
+
+    def _search(self, counts, edges, amax):
+        return search.entropy_amax(counts, edges, amax, self._num_bits, self._unsigned)
