@@ -101,7 +101,9 @@ def layer_inventory(model: nn.Module | SpeechModel) -> list[LayerInfo]:
         if not isinstance(module, (nn.Conv1d, nn.Linear)):
             continue
         kind = _kind_of(path)
-        out.append(LayerInfo(path, kind, counters.get(kind, 0), type(module).__name__))
+        # isinstance, not type name: weight-normed convs are "ParametrizedConv1d"
+        module_type = "Conv1d" if isinstance(module, nn.Conv1d) else "Linear"
+        out.append(LayerInfo(path, kind, counters.get(kind, 0), module_type))
         counters[kind] = counters.get(kind, 0) + 1
     return out
 
@@ -166,14 +168,20 @@ def _char_vocab(vocab_size: int) -> list[str]:
 
 
 def random_model(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 32,
-                 seed: int = 0) -> SpeechModel:
-    """Random-weight CTC model with real shapes: lets tests and benchmarks run with no hub."""
+                 seed: int = 0, device: str | torch.device | None = None) -> SpeechModel:
+    """Random-weight CTC model with real shapes: lets tests and benchmarks run with no hub.
+
+    device="meta" builds the module tree without allocating weights (shape/inventory checks).
+    """
+    import contextlib
+
     import transformers
 
     config = random_config(shape, arch, vocab_size)
     torch.manual_seed(seed)
     model_cls = getattr(transformers, SUPPORTED_ARCHS[config.architectures[0]][0])
-    model = model_cls(config).eval()
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = model_cls(config).eval()
     return SpeechModel(
         model=model, arch=config.architectures[0], vocab=_char_vocab(vocab_size), blank_id=0,
         word_delimiter="|", sampling_rate=16000, do_normalize=True,
@@ -239,6 +247,41 @@ def _load_vocab(directory: Path) -> tuple[list[str], int, str]:
     return vocab, raw[pad], delimiter
 
 
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [directory / s for s in shards]
+    return [directory / "model.safetensors"]
+
+
+def _has_folded_weight_norm(directory: Path) -> bool:
+    """True if the checkpoint was saved after remove_weight_norm (plain pos_conv weight)."""
+    from safetensors import safe_open
+
+    for shard in _safetensors_files(directory):
+        with safe_open(str(shard), framework="pt") as f:
+            if any(k.endswith("pos_conv_embed.conv.weight") for k in f.keys()):
+                return True
+    return False
+
+
+def _load_folded(model_cls, directory: Path) -> tuple[nn.Module, list[str]]:
+    """Build from config, fold weight norm, then load the plain weights (strict keys)."""
+    from safetensors.torch import load_file
+
+    config = model_cls.config_class.from_pretrained(directory, local_files_only=True)
+    model = remove_weight_norm(model_cls(config)).float()
+    state = {}
+    for shard in _safetensors_files(directory):
+        state.update(load_file(str(shard)))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        log.warning("%s: ignoring %d unexpected weights, e.g. %s", directory,
+                    len(result.unexpected_keys), sorted(result.unexpected_keys)[:3])
+    return model, list(result.missing_keys)
+
+
 def load_ctc_model(path: str | Path) -> SpeechModel:
     """Load an HF CTC speech model from a local directory (safetensors only, never pickle)."""
     import transformers
@@ -269,11 +312,15 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
     vocab, blank_id, delimiter = _load_vocab(directory)
 
     model_cls = getattr(transformers, SUPPORTED_ARCHS[arch][0])
-    model, info = model_cls.from_pretrained(
-        directory, local_files_only=True, use_safetensors=True, dtype=torch.float32,
-        output_loading_info=True,
-    )
-    missing = [k for k in info.get("missing_keys", []) if "masked_spec_embed" not in k]
+    if _has_folded_weight_norm(directory):
+        model, missing = _load_folded(model_cls, directory)
+    else:
+        model, info = model_cls.from_pretrained(
+            directory, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+            output_loading_info=True,
+        )
+        missing = info.get("missing_keys", [])
+    missing = [k for k in missing if "masked_spec_embed" not in k]
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks weights for {len(missing)} parameters, "
                          f"e.g. {sorted(missing)[:5]}")
