@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,16 +297,21 @@ class _LogitsOnly(nn.Module):
         return self.model(input_values).logits
 
 
-def _speech_metadata(source) -> dict[str, str]:
-    """Decoder facts (vocab, blank id, sampling rate, normalisation) so the .onnx is self-describing."""
+def _speech_metadata(speech, net: nn.Module) -> dict[str, str]:
+    """Decoder and front-end facts (vocab, blank id, sampling rate, normalisation, CNN strides)
+    so the .onnx is self-describing."""
     fields = {"vocab": "vocab", "blank_id": "blank_id", "word_delimiter": "word_delimiter",
               "sampling_rate": "sampling_rate", "do_normalize": "do_normalize",
-              "arch": "arch", "name": "model_name"}
+              "return_attention_mask": "return_attention_mask", "arch": "arch", "name": "model_name"}
     meta = {}
     for attr, key in fields.items():
-        if hasattr(source, attr):
-            meta[META_PREFIX + key] = json.dumps(getattr(source, attr))
-    return meta
+        if speech is not None and hasattr(speech, attr):
+            meta[key] = getattr(speech, attr)
+    config = getattr(net, "config", None)
+    for key in ("conv_kernel", "conv_stride"):
+        if hasattr(config, key):
+            meta[key] = list(getattr(config, key))
+    return {META_PREFIX + k: json.dumps(v) for k, v in meta.items()}
 
 
 def _container_note(specs: dict[str, QuantSpec]) -> str | None:
@@ -350,7 +356,7 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     meta = {META_PREFIX + "precision": "int8-qdq" if specs else "fp32",
             META_PREFIX + "num_quantizers": str(len(specs)),
             META_PREFIX + "bits": json.dumps(sorted({s.num_bits for s in specs.values()}))}
-    meta.update(_speech_metadata(speech) if speech is not None else {})
+    meta.update(_speech_metadata(speech, net))
     if note or bits_note:
         meta[META_PREFIX + "container_note"] = " ".join(filter(None, [note, bits_note]))
     meta.update(metadata or {})
@@ -365,7 +371,9 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     was_training = net.training
     try:
         net.eval()
-        with torch.no_grad(), _qdq_backend(net, specs):
+        with torch.no_grad(), _qdq_backend(net, specs), warnings.catch_warnings():
+            # Shape checks in HF code are traced as constants; the dynamic axes are tested.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 _LogitsOnly(net), (sample,), tmp, input_names=["input_values"],
                 output_names=["logits"], opset_version=opset, dynamo=False,

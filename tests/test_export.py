@@ -1,0 +1,336 @@
+"""Q/DQ ONNX export of a tiny random wav2vec2: graph form, scales against the torch quantizers,
+ONNX Runtime against torch fake-quant, W6 container, failure modes, TensorRT gate, ORT evaluation."""
+
+import copy
+import os
+import re
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import modelopt.torch.quantization as mtq
+from recipes import export
+from recipes.export import ExportError, build_trt_engine, export_onnx, quantize_like_ort, read_metadata
+from recipes.models import random_model, remove_weight_norm
+from recipes.onnx_runner import OnnxCTCModel, run_eval_onnx
+
+warnings.filterwarnings("ignore", category=UserWarning)
+SR = 16000
+
+
+def quantized_tiny(weight_bits=8, seed=0):
+    sm = random_model("tiny", seed=seed)
+    remove_weight_norm(sm.model)
+    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    if weight_bits != 8:
+        cfg["quant_cfg"].append({"quantizer_name": "*weight_quantizer",
+                                 "cfg": {"num_bits": weight_bits, "axis": 0}})
+    calib = torch.randn(2, SR, generator=torch.Generator().manual_seed(seed))
+    mtq.quantize(sm.model, cfg, lambda m: m(calib))
+    return sm
+
+
+def enabled_quantizers(model):
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: q for n, q in model.named_modules()
+            if isinstance(q, TensorQuantizer) and q.is_enabled}
+
+
+def quantizer_of(node):
+    """'/model/wav2vec2/x/weight_quantizer/DequantizeLinear' -> 'wav2vec2.x.weight_quantizer'
+    (the exporter names nodes by module scope; 'model' is the logits-only wrapper)."""
+    scope = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+    return scope.removeprefix("model.")
+
+
+def torch_logits(sm, x):
+    with torch.no_grad():
+        return sm.model(x).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    sm = quantized_tiny()
+    path = export_onnx(sm, tmp_path_factory.mktemp("int8") / "tiny.onnx")
+    return sm, path, onnx.load(path)
+
+
+@pytest.fixture(scope="module")
+def w6(tmp_path_factory):
+    sm = quantized_tiny(weight_bits=6)
+    # One weight quantizer with a deliberately small amax, so clipping to the 6-bit range bites.
+    q = sm.model.wav2vec2.encoder.layers[0].attention.q_proj.weight_quantizer
+    q.amax = q.amax * 0.5
+    path = export_onnx(sm, tmp_path_factory.mktemp("w6") / "tiny_w6.onnx")
+    return sm, path, onnx.load(path)
+
+
+def dq_nodes(proto):
+    return [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+
+
+# ----------------------------------------------------------------------------- graph form
+
+
+def test_weights_are_int8_initialisers_feeding_dequantize(int8):
+    sm, _, proto = int8
+    consts = export.constant_values(proto.graph)
+    inits = {i.name: i for i in proto.graph.initializer}
+    for q in (n for n in proto.graph.node if n.op_type == "QuantizeLinear"):
+        assert q.input[0] not in consts, f"{q.name}: float constant still fed to QuantizeLinear"
+    weight_dqs = [n for n in dq_nodes(proto) if n.input[0] in inits]
+    expected = {n for n in enabled_quantizers(sm.model) if n.endswith("weight_quantizer")}
+    assert {quantizer_of(n) for n in weight_dqs} == expected
+    for n in weight_dqs:
+        assert inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    # No fp32 copy of a quantized weight survives in the file.
+    assert not any(name.endswith(".weight") and "lm_head" not in name and "norm" not in name
+                   for name in inits)
+
+
+def test_scales_are_amax_over_127_and_zero_points_zero(int8):
+    sm, _, proto = int8
+    consts = export.constant_values(proto.graph)
+    quantizers = enabled_quantizers(sm.model)
+    seen = set()
+    for n in dq_nodes(proto):
+        name = quantizer_of(n)
+        q = quantizers[name]  # oracle: the torch quantizer's own amax
+        scale, zero = consts[n.input[1]], consts[n.input[2]]
+        amax = q.amax.detach().numpy().astype(np.float32)
+        np.testing.assert_allclose(scale, (amax / 127).reshape(scale.shape), rtol=1e-6)
+        assert zero.dtype == np.int8 and not zero.any()
+        if name.endswith("weight_quantizer"):
+            axis = next(a.i for a in n.attribute if a.name == "axis")
+            assert axis == 0 and scale.shape == (amax.size,) and amax.size > 1
+        else:
+            assert scale.shape == () and not any(a.name == "axis" for a in n.attribute)
+        seen.add(name)
+    assert seen == set(quantizers)
+
+
+def test_int8_weights_reproduce_torch_fake_quant(int8):
+    """int8 * scale must equal ModelOpt's fake-quantized weight: same levels, same clipping."""
+    sm, _, proto = int8
+    modules = dict(sm.model.named_modules())
+    consts = export.constant_values(proto.graph)
+    for n in dq_nodes(proto):
+        name = quantizer_of(n)
+        if not name.endswith("weight_quantizer"):
+            continue
+        layer = modules[name.removesuffix(".weight_quantizer")]
+        with torch.no_grad():
+            fake = layer.weight_quantizer(layer.weight).numpy()
+        scale = consts[n.input[1]].reshape((-1,) + (1,) * (fake.ndim - 1))
+        np.testing.assert_allclose(consts[n.input[0]] * scale, fake, rtol=1e-5, atol=1e-7)
+
+
+def test_opset_checker_and_metadata(int8):
+    sm, path, proto = int8
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    onnx.checker.check_model(str(path))
+    meta = read_metadata(path)
+    assert meta["vocab"] == sm.vocab and meta["blank_id"] == sm.blank_id
+    assert meta["sampling_rate"] == 16000 and meta["do_normalize"] is True
+    assert meta["bits"] == [8] and "container_note" not in meta
+
+
+def test_quantize_like_ort_is_bit_exact_with_onnxruntime():
+    """Ties (k + 0.5 steps) round to even and saturation clips, exactly as ORT's QuantizeLinear."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    scale = np.array([0.02, 0.5, 1e-3], dtype=np.float32)
+    w = rng.normal(0, 1, (3, 64)).astype(np.float32)
+    w[:, :8] = (np.arange(-4, 4) + 0.5)[None] * scale[:, None]  # exact ties
+    w[:, 8] = 1000.0 * scale  # saturates
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], axis=0)], "q",
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, w.shape)],
+        [helper.make_tensor_value_info("q", TensorProto.INT8, w.shape)],
+        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(3, np.int8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(quantize_like_ort(w, scale, 0), sess.run(None, {"w": w})[0])
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def activation_step(sm):
+    return max(float(q.amax.max()) / 127 for n, q in enabled_quantizers(sm.model).items()
+               if n.endswith("input_quantizer"))
+
+
+def assert_close_to_torch(sm, path, shapes):
+    """Torch multiplies by 127/amax, ORT divides by amax/127: an element sitting on a rounding
+    tie can land one int8 step apart in some quantizer, and that step propagates. So no logit
+    may move by more than one step of the coarsest activation quantizer (on average far less)
+    and the greedy CTC tokens must agree on >= 99% of frames."""
+    runner = OnnxCTCModel(path)
+    tol = activation_step(sm)
+    for shape in shapes:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+        ref, got = torch_logits(sm, x), runner.logits(x.numpy())
+        assert got.shape == ref.shape
+        err = np.abs(got - ref)
+        assert err.max() <= tol and err.mean() <= tol / 10, (err.max(), tol)
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+
+
+def test_ort_matches_torch_fake_quant_on_dynamic_shapes(int8):
+    sm, path, _ = int8
+    assert_close_to_torch(sm, path, [(1, 8000), (3, 21_337)])
+
+
+# ----------------------------------------------------------------------------- W6 container
+
+
+def test_w6_uses_int8_container_with_clip_to_31(w6):
+    sm, path, proto = w6
+    meta = read_metadata(path)
+    assert meta["bits"] == [6, 8]
+    assert "6-bit" in meta["container_note"] and "amax/31" in meta["container_note"]
+    consts = export.constant_values(proto.graph)
+    quantizers = enabled_quantizers(sm.model)
+    hits = 0
+    for n in dq_nodes(proto):
+        name = quantizer_of(n)
+        if not name.endswith("weight_quantizer"):
+            continue
+        ints = consts[n.input[0]]
+        assert ints.dtype == np.int8 and ints.min() >= -32 and ints.max() <= 31
+        amax = quantizers[name].amax.detach().numpy().reshape(-1)
+        np.testing.assert_allclose(consts[n.input[1]], amax / 31, rtol=1e-6)
+        hits += int(np.abs(ints).max() >= 31)
+    assert hits > 0
+    test_int8_weights_reproduce_torch_fake_quant(w6)  # clipped q_proj included
+    assert_close_to_torch(sm, path, [(2, 12_000)])
+
+
+def test_narrow_activation_gets_clip_before_quantize(tmp_path):
+    sm = quantized_tiny()
+    q = sm.model.wav2vec2.encoder.layers[0].feed_forward.intermediate_dense.input_quantizer
+    q.num_bits = 4
+    path = export_onnx(sm, tmp_path / "a4.onnx")
+    proto = onnx.load(path)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    quant = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"
+             and quantizer_of(n).endswith("intermediate_dense.input_quantizer")
+             and ".layers.0." in n.name.replace("/", ".")]
+    assert len(quant) == 1 and producers[quant[0].input[0]].op_type == "Max"
+    assert_close_to_torch(sm, path, [(1, 16_000)])
+
+
+# ----------------------------------------------------------------------------- failure modes
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda q: setattr(q, "num_bits", 3), "num_bits=3"),
+    (lambda q: setattr(q, "num_bits", (4, 3)), "num_bits=(4, 3)"),
+    (lambda q: setattr(q, "unsigned", True), "unsigned"),
+    (lambda q: setattr(q, "_bias", {"type": "static"}), "asymmetric"),
+])
+def test_bad_quantizer_settings_name_the_quantizer(tmp_path, breakage, message):
+    sm = quantized_tiny()
+    breakage(sm.model.wav2vec2.encoder.layers[1].attention.k_proj.weight_quantizer)
+    with pytest.raises(ExportError, match=re.escape(message)) as info:
+        export_onnx(sm, tmp_path / "bad.onnx")
+    assert "layers.1.attention.k_proj.weight_quantizer" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unquantized_model_needs_allow_fp32(tmp_path):
+    sm = random_model("tiny")
+    with pytest.raises(ExportError, match="allow_fp32"):
+        export_onnx(sm, tmp_path / "fp32.onnx")
+    path = export_onnx(sm, tmp_path / "fp32.onnx", allow_fp32=True)
+    proto = onnx.load(path)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
+    assert read_metadata(path)["precision"] == "fp32"
+    x = torch.randn(2, 9000)
+    np.testing.assert_allclose(OnnxCTCModel(path).logits(x.numpy()), torch_logits(sm, x),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_failed_export_leaves_old_file_and_no_temp(tmp_path, monkeypatch, int8):
+    sm, _, _ = int8
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous export")
+
+    def broken_check(_path):
+        raise onnx.checker.ValidationError("simulated failure after writing")
+
+    monkeypatch.setattr(export.onnx.checker, "check_model", broken_check)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_onnx(sm, out)
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    assert out.read_bytes() == b"previous export"
+
+
+def test_export_restores_quantizer_backends(int8):
+    sm, _, _ = int8
+    assert all(getattr(q, "backend", None) is None for q in enabled_quantizers(sm.model).values())
+
+
+# ----------------------------------------------------------------------------- TensorRT
+
+
+def _trt_missing_reason():
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt not importable"
+    return None if torch.cuda.is_available() else "no CUDA GPU"
+
+
+def test_build_trt_engine(int8, tmp_path):
+    reason = _trt_missing_reason()
+    if reason:
+        pytest.skip(f"TensorRT engine build not possible here: {reason}")
+    _, path, _ = int8
+    engine = build_trt_engine(path, tmp_path / "tiny.engine", opt_seconds=1.0, max_seconds=2.0,
+                              max_batch=2)
+    assert engine.stat().st_size > 0
+
+
+def test_build_trt_engine_says_what_is_missing(int8, tmp_path):
+    reason = _trt_missing_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present")
+    _, path, _ = int8
+    expected = "`tensorrt`" if reason.startswith("tensorrt") else "CUDA GPU"
+    with pytest.raises(RuntimeError, match=expected) as info:
+        build_trt_engine(path, tmp_path / "tiny.engine")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "tiny.engine").exists()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_onnx_model_plugs_into_evaluate(int8):
+    from recipes.asr import evaluate
+    from recipes.data import Batch
+
+    sm, path, _ = int8
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([16_000, 11_000])
+    x = torch.randn(2, 16_000, generator=gen)
+    x[1, 11_000:] = 0
+    batches = [Batch(x, None, lengths, ["HELLO WORLD", "A B"], ["u1", "u2"])]
+    expected = evaluate(sm, batches, progress=False)
+    got = run_eval_onnx(path, batches)
+    assert got["hyps"] == expected["hyps"] and got["wer"] == expected["wer"]
+    # A mask-trained model's runner evaluates each utterance unpadded.
+    mask = (torch.arange(16_000)[None] < lengths[:, None]).long()
+    onnx_sm = OnnxCTCModel(path).speech_model()
+    out = onnx_sm.model(x, attention_mask=mask).logits
+    alone = onnx_sm.model.logits(x[1:, :11_000].numpy())[0]
+    np.testing.assert_allclose(out[1, : alone.shape[0]].numpy(), alone, atol=1e-6)
