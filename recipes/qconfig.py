@@ -1,0 +1,127 @@
+"""Plain, JSON-serialisable ModelOpt configs for SFMs, and applying them to a model.
+
+The recipe's final product is one of these dicts: anyone can re-apply it with ``mtq.quantize``
+on a fresh copy of the model (with ``import sq_plugin`` first, which registers "stablequant").
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .models import SpeechModel, remove_weight_norm
+
+SUPPORTED_BITS = range(2, 17)
+# quantizer-name patterns for each layer kind of the HF SFM family
+CNN_PATTERN = "*feature_extractor.conv_layers.*"
+
+
+def quant_cfg(wbits: int = 8, abits: int = 8, disable: Sequence[str] = ()) -> list[dict]:
+    """ModelOpt 0.47 list-style ``quant_cfg``: per-channel weights, per-tensor activations.
+
+    Every Conv1d/Linear input (activation) and weight is quantized; ``disable`` lists extra
+    quantizer-name patterns to keep in float (e.g. the CNN for "Transformer layers only").
+    """
+    for name, bits in (("weight", wbits), ("activation", abits)):
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"{name} bits must be in 2..16, got {bits}")
+    cfg = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": wbits, "axis": 0}},
+        {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": abits, "axis": None}},
+        # ModelOpt also wraps LayerNorm; the paper (and TensorRT's fused kernels) quantize only
+        # the inputs of Conv1d/Linear layers
+        {"quantizer_name": "*layer_norm*", "enable": False},
+    ]
+    cfg += [{"quantizer_name": pattern, "enable": False} for pattern in disable]
+    return cfg
+
+
+def stablequant_config(
+    wbits: int = 8,
+    abits: int = 8,
+    cutoff: float = 0.0,
+    clip_layers: Iterable[str] = (),
+    num_bins: int = 2048,
+    disable: Sequence[str] = (),
+) -> dict:
+    """The full ``mtq.quantize`` config that reproduces a StableQuant result."""
+    return {
+        "quant_cfg": quant_cfg(wbits, abits, disable),
+        "algorithm": {
+            "method": "stablequant",
+            "cutoff": float(cutoff),
+            "clip_layers": sorted(clip_layers),
+            "num_bins": int(num_bins),
+        },
+    }
+
+
+def forward_logits(model: nn.Module, batch) -> torch.Tensor:
+    """One batch through an HF CTC model (attention mask only when the model uses one)."""
+    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask}
+    return model(batch.input_values, **kwargs).logits
+
+
+def calibration_loop(batches: Sequence):
+    """A ModelOpt ``forward_loop`` over calibration batches."""
+
+    def forward_loop(model: nn.Module) -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                forward_logits(model, batch)
+
+    return forward_loop
+
+
+def quantize_copy(sm: SpeechModel, config: dict, calib_batches: Sequence) -> SpeechModel:
+    """A quantized deep copy of ``sm`` (the original stays float)."""
+    import modelopt.torch.quantization as mtq
+
+    import sq_plugin  # noqa: F401  (registers the "stablequant" algorithm)
+
+    if not calib_batches:
+        raise ValueError("calibration data is empty")
+    # weight norm is removed in place first (outputs unchanged): parametrized modules cannot be
+    # deep-copied, and ModelOpt cannot wrap them
+    model = copy.deepcopy(remove_weight_norm(sm.model)).eval()
+    mtq.quantize(model, copy.deepcopy(config), calibration_loop(calib_batches))
+    check_config_matches(model, config)
+    return SpeechModel(**{**sm.__dict__, "model": model})
+
+
+def quantizer_names(model: nn.Module) -> list[str]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return [n for n, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+
+
+def check_config_matches(model: nn.Module, config: dict) -> None:
+    """Every ``clip_layers`` pattern must name a quantizer of this model (error lists them)."""
+    names = quantizer_names(model)
+    if not names:
+        raise ValueError("the model has no quantizable layers (no Conv1d/Linear quantizers)")
+    algo = config.get("algorithm") or {}
+    patterns = algo.get("clip_layers", []) if isinstance(algo, dict) else []
+    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unknown:
+        raise ValueError(f"config clip_layers match no quantizer of this model: {unknown}")
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ModelOpt config not found: {path}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "quant_cfg" not in config:
+        raise ValueError(f"{path}: expected a ModelOpt config with a 'quant_cfg' key")
+    return config

@@ -1,0 +1,263 @@
+"""sq_plugin glue: the "stablequant" ModelOpt algorithm, bit-width sync, the pluggy registry.
+
+Oracles: the pure search functions on a histogram built independently with NumPy from the
+exact tensors the quantizers saw (captured with forward pre-hooks), and ModelOpt's own outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import sq_plugin
+from calibrators import StableQuantCalibrator, stablequant_amax
+from recipes.models import random_model, remove_weight_norm
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+mto = pytest.importorskip("modelopt.torch.opt")
+from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
+
+CONV0 = "wav2vec2.feature_extractor.conv_layers.0.conv.input_quantizer"
+
+
+def _quant_cfg(wbits=8, abits=8, list_style=True):
+    if list_style:
+        return [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": wbits, "axis": 0}},
+            {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": abits, "axis": None}},
+            {"quantizer_name": "*layer_norm*", "enable": False},
+        ]
+    return {
+        "default": {"enable": False},
+        "*weight_quantizer": {"num_bits": wbits, "axis": 0},
+        "*input_quantizer": {"num_bits": abits, "axis": None},
+        "*layer_norm*": {"enable": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    sm = random_model("tiny", seed=0)
+    remove_weight_norm(sm.model)
+    g = torch.Generator().manual_seed(1)
+    audio = [torch.randn(2, 4000, generator=g) for _ in range(2)]
+    audio[1][0, 100] = 40.0  # one outlier sample, as SFM CNN inputs have
+    return sm.model, audio
+
+
+def _loop(audio):
+    def forward_loop(model):
+        with torch.no_grad():
+            for x in audio:
+                model(x)
+
+    return forward_loop
+
+
+def _captured_inputs(model, audio) -> dict[str, np.ndarray]:
+    """|input| of every Conv1d/Linear in the float model, concatenated over the calibration data."""
+    seen: dict[str, list] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: seen.setdefault(name, []).append(args[0].detach().abs().flatten())))
+    _loop(audio)(model)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v).double().numpy() for k, v in seen.items()}
+
+
+def _bin_width(values: np.ndarray, num_bins: int) -> float:
+    return 2.0 ** np.ceil(np.log2(values.max())) / num_bins
+
+
+def _oracle_amax(values: np.ndarray, cutoff: float, bits: int, num_bins: int) -> float:
+    """NumPy histogram on the same power-of-two range rule, then the pure search.
+
+    float32 binning inside the calibrator may put a value sitting on an edge into the next
+    bin, so callers compare within one bin width.
+    """
+    top = values.max()
+    counts, edges = np.histogram(values, bins=num_bins, range=(0, _bin_width(values, num_bins) * num_bins))
+    return stablequant_amax(counts.astype(np.int64), edges, float(top), cutoff, bits, mse=True)
+
+
+def test_import_registers_once_and_reimport_is_harmless():
+    from modelopt.torch.quantization.mode import CalibrateModeRegistry
+
+    assert "stablequant_calibrate" in CalibrateModeRegistry
+    importlib.reload(sq_plugin.modelopt_glue)
+    importlib.reload(sq_plugin)
+    sq_plugin.modelopt_glue.register()
+    assert "stablequant_calibrate" in CalibrateModeRegistry
+
+
+@pytest.mark.parametrize("list_style", [True, False])
+def test_stablequant_algorithm_by_name(tiny, list_style):
+    model0, audio = tiny
+    model = copy.deepcopy(model0)
+    cfg = {"quant_cfg": _quant_cfg(list_style=list_style),
+           "algorithm": {"method": "stablequant", "cutoff": 0.2, "clip_layers": ["*conv_layers.0.*"],
+                         "num_bins": 256}}
+    raw = _captured_inputs(model0, audio)
+    with torch.no_grad():
+        ref = model0(audio[0]).logits
+    mtq.quantize(model, cfg, _loop(audio))
+
+    acts = {n: m for n, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and n.endswith("input_quantizer") and m.is_enabled}
+    assert len(acts) == len(raw) > 10
+    for name, q in acts.items():
+        amax = float(q.amax)
+        assert np.isfinite(amax) and amax > 0, name
+        assert isinstance(q._calibrator, StableQuantCalibrator)
+        cutoff = 0.2 if name == CONV0 else 0.0
+        assert q._calibrator._cutoff == cutoff
+        values = raw[name.rsplit(".", 1)[0]]
+        expected = _oracle_amax(values, cutoff, 8, 256)
+        assert abs(amax - expected) <= _bin_width(values, 256) * 1.001, name
+    # the clipped layer really clipped the outlier; weights keep per-channel max
+    assert float(acts[CONV0].amax) < 0.5 * raw[CONV0.rsplit(".", 1)[0]].max()
+    w = model.wav2vec2.encoder.layers[0].attention.q_proj
+    assert torch.allclose(w.weight_quantizer.amax.flatten(), w.weight.abs().amax(dim=1))
+    # close to fp32: a random-weight tiny model amplifies rounding noise, so the yardstick is
+    # ModelOpt's own W8A8 max calibration on the same quantizers
+    baseline = mtq.quantize(copy.deepcopy(model0), {"quant_cfg": _quant_cfg(list_style=list_style),
+                                                     "algorithm": "max"}, _loop(audio))
+    with torch.no_grad():
+        err = ((model(audio[0]).logits - ref).norm() / ref.norm()).item()
+        err_max = ((baseline(audio[0]).logits - ref).norm() / ref.norm()).item()
+    assert err <= err_max and err < 0.2, (err, err_max)
+
+
+def test_calibrate_by_name_and_unknown_pattern(tiny):
+    model0, audio = tiny
+    model = mtq.quantize(copy.deepcopy(model0), {"quant_cfg": _quant_cfg(), "algorithm": None})
+    mtq.calibrate(model, "stablequant", _loop(audio))
+    assert all(float(q.amax) > 0 for n, q in model.named_modules()
+               if isinstance(q, TensorQuantizer) and n.endswith("input_quantizer") and q.is_enabled)
+    bad = {"quant_cfg": _quant_cfg(), "algorithm": {"method": "stablequant", "clip_layers": ["*no_such_layer*"]}}
+    with pytest.raises(ValueError, match="no_such_layer"):
+        mtq.quantize(copy.deepcopy(model0), bad, _loop(audio))
+
+
+def test_quantizer_bits_reach_constructor_tuple_calibrator(tiny):
+    """W6A6 through a ``calibrator`` tuple: the calibrator must search 6-bit scales."""
+    model0, audio = tiny
+    model = copy.deepcopy(model0)
+    cfg = _quant_cfg(6, 6)
+    cfg[2]["cfg"]["calibrator"] = sq_plugin.calibrator("stablequant", num_bins=256)
+    raw = _captured_inputs(model0, audio)
+    mtq.quantize(model, {"quant_cfg": cfg, "algorithm": "max"}, _loop(audio))
+    q = dict(model.named_modules())[CONV0]
+    assert q._calibrator._num_bits == 6
+    values = raw[CONV0.rsplit(".", 1)[0]]
+    six, eight = _oracle_amax(values, 0.0, 6, 256), _oracle_amax(values, 0.0, 8, 256)
+    assert abs(six - eight) > 2 * _bin_width(values, 256)  # the data tells 6 from 8 bits apart
+    assert abs(float(q.amax) - six) <= _bin_width(values, 256) * 1.001
+
+
+def test_save_restore_round_trip(tiny, tmp_path):
+    model0, audio = tiny
+    model = copy.deepcopy(model0)
+    mtq.quantize(model, {"quant_cfg": _quant_cfg(), "algorithm": {"method": "stablequant", "cutoff": 0.1,
+                 "clip_layers": ["*conv_layers.0.*"], "num_bins": 256}}, _loop(audio))
+    mto.save(model, tmp_path / "q.pth")
+    restored = mto.restore(copy.deepcopy(model0), tmp_path / "q.pth")
+    a = {n: m.amax for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.amax is not None}
+    b = {n: m.amax for n, m in restored.named_modules() if isinstance(m, TensorQuantizer) and m.amax is not None}
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(model(audio[0]).logits, restored(audio[0]).logits)
+
+
+def test_registry_names_and_unknown_name():
+    names = sq_plugin.calibrator_names()
+    assert {"stablequant", "max", "percentile", "mse", "entropy"} <= set(names)
+    with pytest.raises(ValueError, match="known calibrators: .*stablequant"):
+        sq_plugin.calibrator("no-such-calibrator")
+    cls, args, kwargs = sq_plugin.calibrator("stablequant", cutoff=0.2)
+    assert cls is StableQuantCalibrator and args == () and kwargs == {"cutoff": 0.2}
+
+
+class HalfMaxCalibrator(StableQuantCalibrator):
+    """A third-party calibrator: half of MAX (easy to predict, unlike any built-in)."""
+
+    def compute_amax(self, cutoff=None, mse=None):
+        return super().compute_amax(cutoff=0.0, mse=False) / 2
+
+
+class _ThirdParty:
+    @sq_plugin.hookimpl
+    def sq_register_calibrators(self):
+        return {"half-max": HalfMaxCalibrator}
+
+
+def test_programmatic_plugin_selected_in_modelopt_config(tiny):
+    model0, audio = tiny
+    plugin = _ThirdParty()
+    sq_plugin.register_plugin(plugin, name="third-party-test")
+    try:
+        assert "half-max" in sq_plugin.calibrator_names()
+        cfg = _quant_cfg()
+        cfg[2]["cfg"]["calibrator"] = sq_plugin.calibrator("half-max", num_bins=128)
+        raw = _captured_inputs(model0, audio)
+        model = mtq.quantize(copy.deepcopy(model0), {"quant_cfg": cfg, "algorithm": "max"}, _loop(audio))
+        q = dict(model.named_modules())[CONV0]
+        assert float(q.amax) == pytest.approx(raw[CONV0.rsplit(".", 1)[0]].max() / 2, rel=1e-6)
+    finally:
+        sq_plugin.unregister_plugin(plugin)
+    assert "half-max" not in sq_plugin.calibrator_names()
+
+
+def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch):
+    """A package installed with an ``sq_plugin`` entry point is found by name."""
+    pkg = tmp_path / "sq_demo_ext.py"
+    pkg.write_text(textwrap.dedent("""
+        import pluggy
+        from calibrators import MaxHistCalibrator
+        hookimpl = pluggy.HookimplMarker("sq_plugin")
+
+        class DoubleMax(MaxHistCalibrator):
+            pass
+
+        @hookimpl
+        def sq_register_calibrators():
+            return {"ext-double-max": DoubleMax}
+    """))
+    dist = tmp_path / "sq_demo_ext-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sq-demo-ext\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[sq_plugin]\next = sq_demo_ext\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sq_plugin.registry, "_manager", None)
+    try:
+        assert "ext-double-max" in sq_plugin.calibrator_names()
+        assert sq_plugin.calibrator_class("ext-double-max").__module__ == "sq_demo_ext"
+    finally:
+        sys.modules.pop("sq_demo_ext", None)
+    monkeypatch.setattr(sq_plugin.registry, "_manager", None)
+
+
+def test_duplicate_name_from_two_plugins_is_an_error():
+    class Clash:
+        @sq_plugin.hookimpl
+        def sq_register_calibrators(self):
+            return {"stablequant": HalfMaxCalibrator}
+
+    plugin = Clash()
+    sq_plugin.register_plugin(plugin, name="clash")
+    try:
+        with pytest.raises(ValueError, match="'stablequant' is registered by both"):
+            sq_plugin.calibrator_names()
+    finally:
+        sq_plugin.unregister_plugin(plugin)
