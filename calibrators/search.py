@@ -32,8 +32,9 @@ __all__ = [
 
 # Rows of the candidate x bin error matrix computed at once (bounds memory to ~4 MB/chunk).
 _ROW_CHUNK = 256
-# Weight of the uniform distribution mixed into Q so that KL stays finite where Q is 0.
-_KL_SMOOTHING = 1e-4
+# Mass of the uniform distribution mixed into Q: only keeps KL finite where the outlier fold
+# puts P mass on an empty bin; small enough not to move the minimum (matches ModelOpt).
+_KL_SMOOTHING = 1e-9
 
 
 def _check_hist(counts, edges) -> tuple[np.ndarray, np.ndarray, int]:
@@ -195,7 +196,8 @@ def entropy_amax(counts, edges, amax: float, num_bits: int, unsigned: bool = Fal
     merged into L equal groups of bins, each group's mass spread evenly over its non-empty
     bins.  Returns the threshold edge with the smallest smoothed KL(P || Q), capped at
     amax.  Fewer bins than levels: nothing to search, returns amax (MAX).
-    Unlike ModelOpt, bin 0 is not overwritten with bin 1 (zeros are kept as data).
+    As in TensorRT/ModelOpt, bin 0 takes bin 1's count first, so a spike of exact zeros
+    (ReLU outputs, padding) does not dominate the divergence.
     """
     counts, edges, total = _check_hist(counts, edges)
     _check_bits(num_bits)
@@ -205,8 +207,10 @@ def entropy_amax(counts, edges, amax: float, num_bits: int, unsigned: bool = Fal
     if counts.size <= levels:
         return float(amax)
     weights = counts.astype(np.float64)
+    weights[0] = weights[1]
+    nonzero = weights > 0
+    total = weights.sum()
     cum_mass = np.concatenate(([0.0], np.cumsum(weights)))
-    nonzero = counts > 0
     cum_nonzero = np.concatenate(([0], np.cumsum(nonzero)))
     level_ids = np.arange(levels + 1)
     best_i, best_kl = levels, math.inf
