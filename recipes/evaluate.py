@@ -8,7 +8,7 @@ from pathlib import Path
 
 from recipes.asr import evaluate
 from recipes.data import Utterance, make_batches, open_dataset
-from recipes.models import resolve_model
+from recipes.models import SpeechModel, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,15 @@ def _demo_utterances() -> tuple[list[Utterance], str]:
     return list(data), "demo:test"
 
 
-def load_eval_data(model: str, data: str | Path | None) -> tuple[list[Utterance], str]:
-    """Utterances to score and a label for them; the demo test set is the default for 'demo'."""
+def load_eval_data(model, data: str | Path | None) -> tuple[list[Utterance], str]:
+    """Utterances to score and a label for them; the demo test set is the default for 'demo'.
+
+    `model` is a name/directory or a SpeechModel (demo if it was resolved from "demo").
+    """
     if data is not None:
         return open_dataset(data), str(data)
+    if isinstance(model, SpeechModel):
+        model = model.source
     if str(model) == "demo":
         return _demo_utterances()
     raise ValueError("--data is required unless --model demo (which uses the demo test set)")
@@ -42,11 +47,14 @@ def format_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def run_eval(model: str = "demo", data: str | Path | None = None, limit: int | None = None,
-             batch_seconds: float = 60.0, skip_bad: bool = False, seed: int = 0,
-             progress: bool = True, print_table: bool = True) -> dict:
-    """Load model and data, transcribe, score; returns the metrics (and transcripts)."""
-    sm = resolve_model(model)
+def run_eval(model: str | Path | SpeechModel = "demo", data: str | Path | None = None,
+             limit: int | None = None, batch_seconds: float = 60.0, skip_bad: bool = False,
+             seed: int = 0, progress: bool = True, print_table: bool = True) -> dict:
+    """Load model and data, transcribe, score; returns the metrics (and transcripts).
+
+    `model` may also be a ready SpeechModel (e.g. a quantized copy of the demo model).
+    """
+    sm = model if isinstance(model, SpeechModel) else resolve_model(model)
     utts, data_label = load_eval_data(model, data)
     batches = make_batches(utts, sm, batch_seconds=batch_seconds, limit=limit, seed=seed,
                            skip_bad=skip_bad)

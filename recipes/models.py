@@ -43,6 +43,7 @@ class SpeechModel:
     do_normalize: bool = True
     return_attention_mask: bool = False
     name: str = ""
+    source: str = ""  # "demo", a model directory, or "" (built in memory)
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
         sampling_rate=int(pre.get("sampling_rate", 16000)),
         do_normalize=bool(pre.get("do_normalize", True)),
         return_attention_mask=bool(pre.get("return_attention_mask", False)),
-        name=directory.name,
+        name=directory.name, source=str(directory),
     )
 
 
@@ -347,7 +348,9 @@ def resolve_model(name_or_dir: str | Path) -> SpeechModel:
                 f"{e}") from e
         if not Path(DEMO_MODEL_DIR).is_dir():
             raise FileNotFoundError(f"the demo model is not present yet at {DEMO_MODEL_DIR}")
-        return load_ctc_model(DEMO_MODEL_DIR)
+        sm = load_ctc_model(DEMO_MODEL_DIR)
+        sm.source = "demo"
+        return sm
     if Path(name_or_dir).is_dir():
         return load_ctc_model(name_or_dir)
     raise FileNotFoundError(f"unknown model {str(name_or_dir)!r}: not 'demo' and not a directory")

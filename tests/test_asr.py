@@ -158,3 +158,15 @@ def test_run_eval_needs_data_for_non_demo_model(tmp_path):
 
     with pytest.raises(ValueError, match="--data"):
         load_eval_data(str(tmp_path), None)
+
+
+def test_run_eval_accepts_speech_model_and_demo_source(tmp_path, monkeypatch):
+    import recipes.evaluate as ev
+    from recipes.models import random_model
+
+    sm = random_model("tiny")
+    with pytest.raises(ValueError, match="--data"):
+        ev.load_eval_data(sm, None)  # built in memory: no default data set
+    sm.source = "demo"
+    monkeypatch.setattr(ev, "_demo_utterances", lambda: (["u"], "demo:test"))
+    assert ev.load_eval_data(sm, None) == (["u"], "demo:test")
