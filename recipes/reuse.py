@@ -1,0 +1,162 @@
+"""Run an SFM from a cut point, serving the float prefix from cached block outputs.
+
+Stage 1 quantizes one layer at a time with everything before it in float, so the float output of
+the block just before that layer is the same for every layer after it. Caching it per dev batch
+and stubbing the prefix out turns L full forwards into L suffix forwards.
+
+The HF SFM family (wav2vec2, HuBERT, WavLM, data2vec-audio) shares one structure: a feature
+extractor whose ``conv_layers`` run in a plain loop, then glue (feature projection, positional
+conv), then ``encoder.layers`` in a plain loop, then the head. Cut points are:
+
+* conv layer i > 0: the output of conv layer i-1 (earlier conv layers become identities);
+* anything after the feature extractor: the feature extractor's output, plus, for encoder
+  layer i > 0 and for modules after the encoder layers, the output of encoder layer i-1.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the wanted block output is stored."""
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """Blocks served from cache: ``feature_extractor`` flag, last cached conv / encoder layer."""
+
+    conv: int | None = None  # cached conv layer index (earlier ones become identities)
+    features: bool = False  # whole feature extractor served from cache
+    layer: int | None = None  # cached encoder layer index (earlier ones become identities)
+
+
+def _find(model: nn.Module, suffix: str) -> tuple[str, nn.Module]:
+    hits = [(n, m) for n, m in model.named_modules() if n == suffix or n.endswith("." + suffix)]
+    if len(hits) != 1:
+        raise ValueError(f"model has {len(hits)} modules named '*{suffix}'; expected exactly one")
+    return hits[0]
+
+
+class PrefixRunner:
+    """Forward ``batches`` through ``model`` starting from the cut point of a module path."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, object], torch.Tensor], batches: Sequence):
+        self.model, self.forward, self.batches = model, forward, batches
+        self.fe_name, self.fe = _find(model, "feature_extractor")
+        self.convs = list(_find(model, "feature_extractor.conv_layers")[1])
+        self.enc_name, encoder = _find(model, "encoder")
+        self.layers = list(_find(model, "encoder.layers")[1])
+        self.conv_prefix = _find(model, "feature_extractor.conv_layers")[0] + "."
+        self.layer_prefix = _find(model, "encoder.layers")[0] + "."
+        self._cache: dict[tuple[str, int], list] = {}  # (kind, index) -> per-batch outputs
+
+    # -- where a module's prefix can be cut ------------------------------------------------
+    def cut_for(self, module_path: str) -> CutPoint:
+        """The deepest cut that leaves ``module_path`` (and everything after it) computed."""
+        if module_path.startswith(self.conv_prefix):
+            i = int(module_path[len(self.conv_prefix):].split(".")[0])
+            return CutPoint(conv=i - 1 if i > 0 else None)
+        if module_path.startswith(self.fe_name + "."):
+            return CutPoint()  # some other feature-extractor module: no safe cut
+        if module_path.startswith(self.layer_prefix):
+            i = int(module_path[len(self.layer_prefix):].split(".")[0])
+            return CutPoint(features=True, layer=i - 1 if i > 0 else None)
+        if module_path.startswith(self.enc_name + "."):  # pos_conv, encoder layer norm
+            return CutPoint(features=True)
+        # feature projection runs before the encoder, the head after it: tell them apart by order
+        names = [n for n, _ in self.model.named_modules()]
+        after_encoder = names.index(module_path) > names.index(self.enc_name) if module_path in names else False
+        return CutPoint(features=True, layer=len(self.layers) - 1 if after_encoder else None)
+
+    # -- caches ----------------------------------------------------------------------------
+    def _block(self, kind: str, index: int) -> nn.Module:
+        return {"conv": lambda: self.convs[index], "fe": lambda: self.fe, "layer": lambda: self.layers[index]}[kind]()
+
+    def _outputs(self, kind: str, index: int, cut: CutPoint) -> list:
+        """Float outputs of one block for every batch, computed from the cut below it."""
+        key = (kind, index)
+        if key not in self._cache:
+            store: list = []
+
+            def capture(_m, _inp, out):
+                store.append(out)
+                raise _StopForward
+
+            handle = self._block(kind, index).register_forward_hook(capture)
+            try:
+                for b, batch in enumerate(self.batches):
+                    try:
+                        self._run_stubbed(cut, b, batch)
+                    except _StopForward:
+                        pass
+            finally:
+                handle.remove()
+            self._cache[key] = store
+            # layers are visited in model order: caches below this one are never needed again
+            stale = "conv" if kind == "fe" else kind
+            for old in [k for k in self._cache if k[0] == stale and (kind == "fe" or k[1] < index)]:
+                del self._cache[old]
+        return self._cache[key]
+
+    def _stubs(self, cut: CutPoint, b: int) -> list[tuple[nn.Module, Callable]]:
+        stubs = []
+        if cut.features:
+            out = self._outputs("fe", 0, CutPoint(conv=len(self.convs) - 2 if len(self.convs) > 1 else None))
+            stubs.append((self.fe, _constant(out, b)))
+        elif cut.conv is not None:
+            out = self._outputs("conv", cut.conv, CutPoint(conv=cut.conv - 1 if cut.conv > 0 else None))
+            stubs += [(m, _identity) for m in self.convs[: cut.conv]]
+            stubs.append((self.convs[cut.conv], _constant(out, b)))
+        if cut.layer is not None:
+            below = CutPoint(features=True, layer=cut.layer - 1 if cut.layer > 0 else None)
+            out = self._outputs("layer", cut.layer, below)
+            stubs += [(m, _layer_identity) for m in self.layers[: cut.layer]]
+            stubs.append((self.layers[cut.layer], _constant(out, b)))
+        return stubs
+
+    def _run_stubbed(self, cut: CutPoint, b: int, batch) -> torch.Tensor:
+        stubs = self._stubs(cut, b)
+        saved = [(m, m.__dict__.get("forward")) for m, _ in stubs]
+        for module, fn in stubs:
+            module.forward = types.MethodType(fn, module)
+        try:
+            return self.forward(self.model, batch)
+        finally:
+            for module, previous in saved:
+                if previous is None:
+                    del module.forward  # back to the class's forward
+                else:
+                    module.forward = previous
+
+    def run(self, module_path: str | None) -> list[torch.Tensor]:
+        """Outputs for every batch with the prefix before ``module_path`` served from cache."""
+        cut = self.cut_for(module_path) if module_path is not None else CutPoint()
+        return [self._run_stubbed(cut, b, batch) for b, batch in enumerate(self.batches)]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def _constant(outputs: list, b: int):
+    def forward(self, *args, **kwargs):
+        return outputs[b]
+
+    return forward
+
+
+def _identity(self, x, *args, **kwargs):
+    return x
+
+
+def _layer_identity(self, hidden_states, *args, **kwargs):
+    # encoder layers return tuples whose first item is the hidden state; WavLM also threads
+    # position_bias through, which the cached layer below the cut provides
+    if "position_bias" in kwargs:
+        return (hidden_states, kwargs["position_bias"])
+    return (hidden_states,)

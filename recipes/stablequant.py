@@ -1,0 +1,276 @@
+"""StableQuant, Algorithm 1: WER-driven layer selection, then one cut-off for the marked layers.
+
+Histograms are collected once (one calibration pass through ModelOpt with the "stablequant"
+algorithm); every candidate scale afterwards comes from those histograms. Stage 1 serves the
+float prefix of each layer from cache (:mod:`recipes.reuse`); Stage 2 skips cut-offs whose
+scales equal an already evaluated candidate. Every finished evaluation goes to a state file, so
+a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .asr import greedy_ctc_decode, wer_cer
+from .atomic import write_json_atomic
+from .models import SpeechModel, layer_inventory
+from .qconfig import forward_logits, quantize_copy, stablequant_config
+from .reuse import PrefixRunner
+
+log = logging.getLogger(__name__)
+
+
+def parse_grid(text: str) -> list[float]:
+    """``"0:0.5:0.01"`` (inclusive) or ``"0,0.1,0.2"`` → a validated cut-off grid."""
+    text = str(text).strip()
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError(f"grid step must be > 0, got {step}")
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            grid = [round(start + i * step, 10) for i in range(n)]
+        else:
+            grid = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"bad cut-off grid {text!r}: {e}") from None
+    return validate_grid(grid)
+
+
+def validate_grid(grid: Sequence[float]) -> list[float]:
+    grid = [float(p) for p in grid]
+    if not grid:
+        raise ValueError("the cut-off grid is empty")
+    if any(b <= a for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"the cut-off grid must be strictly increasing, got {grid[:6]}...")
+    bad = [p for p in grid if not 0.0 <= p <= 50.0]
+    if bad:
+        raise ValueError(f"cut-offs must lie in [0, 50] percent, got {bad}")
+    return grid
+
+
+@dataclass
+class Settings:
+    wbits: int = 8
+    abits: int = 8
+    gamma: float = 0.25  # absolute WER % rise that marks a layer in Stage 1
+    grid: list[float] = field(default_factory=lambda: parse_grid("0:0.5:0.01"))
+    num_bins: int = 2048
+    naive_stage1: bool = False  # re-run the whole model per layer (benchmark reference)
+
+    def validate(self) -> None:
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0 (absolute WER %), got {self.gamma}")
+        self.grid = validate_grid(self.grid)
+
+
+@dataclass
+class LayerResult:
+    quantizer: str
+    layer: str
+    kind: str
+    wer: float
+    delta: float
+    marked: bool
+    amax_max: float
+
+
+@dataclass
+class StableQuantResult:
+    settings: dict
+    float_wer: float
+    stage1: list[LayerResult]
+    marked: list[str]  # quantizer names
+    stage2: dict[str, float]  # cut-off (as str) -> dev WER
+    p_opt: float
+    final_wer: float
+    amax: dict[str, float]  # activation quantizer -> final amax
+    config: dict
+    evaluations: int  # model evaluations actually run (after reuse)
+    model: SpeechModel | None = None  # the quantized model (not serialised)
+    histograms: dict | None = None  # quantizer -> (counts, edges) for plots (not serialised)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("model"), d.pop("histograms")
+        return d
+
+
+class DevScorer:
+    """Dev-set WER of whatever a model produces, from logits (decoding stays in one place)."""
+
+    def __init__(self, sm: SpeechModel, batches: Sequence):
+        if not batches or not sum(len(b.texts) for b in batches):
+            raise ValueError("the dev set is empty")
+        self.sm, self.batches = sm, batches
+        self.refs = [t for b in batches for t in b.texts]
+        if any(not r.strip() for r in self.refs):
+            raise ValueError("the dev set has empty reference transcripts")
+
+    def wer(self, logits: Sequence[torch.Tensor]) -> float:
+        if len(logits) != len(self.batches):
+            raise ValueError(f"{len(logits)} outputs for {len(self.batches)} dev batches")
+        hyps = []
+        for out, batch in zip(logits, self.batches):
+            lengths = self.sm.model._get_feat_extract_output_lengths(batch.lengths)
+            hyps += greedy_ctc_decode(out.float(), self.sm.vocab, self.sm.blank_id, self.sm.word_delimiter, lengths)
+        return wer_cer(self.refs, hyps)[0]
+
+
+class StateFile:
+    """Finished evaluations on disk (JSON, atomic writes), refused for a different run."""
+
+    def __init__(self, path: str | Path | None, fingerprint: dict, resume: bool):
+        self.path = Path(path) if path else None
+        self.fingerprint = fingerprint
+        self.data: dict = {"fingerprint": fingerprint, "float_wer": None, "stage1": {}, "stage2": {}}
+        if self.path and self.path.exists():
+            if not resume:
+                raise FileExistsError(f"{self.path} exists: pass --resume to continue that run, or use another --out")
+            old = json.loads(self.path.read_text())
+            diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {}))
+                          if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
+            if diff:
+                raise ValueError(f"cannot resume from {self.path}: it was made with a different {', '.join(diff)}")
+            self.data = old
+            log.info("resuming: %d stage-1 and %d stage-2 evaluations already done",
+                     len(old["stage1"]), len(old["stage2"]))
+
+    def save(self) -> None:
+        if self.path:
+            write_json_atomic(self.path, self.data)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(sm, calib, dev, s: Settings) -> dict:
+    return {
+        "model": model_fingerprint(sm.model),
+        "calib": hashlib.sha256("\n".join(i for b in calib for i in b.ids).encode()).hexdigest()[:16],
+        "dev": hashlib.sha256("\n".join(i for b in dev for i in b.ids).encode()).hexdigest()[:16],
+        "wbits": s.wbits, "abits": s.abits, "gamma": s.gamma, "grid": s.grid, "num_bins": s.num_bins,
+    }
+
+
+def histogram_arrays(cal) -> tuple:
+    """(counts, edges, exact max) of a histogram calibrator, for baselines and plots."""
+    h = cal.histogram
+    return h.counts_numpy(), h.edges(), float(h.amax)
+
+
+def _layer_kinds(sm: SpeechModel) -> dict[str, str]:
+    return {info.path: info.kind for info in layer_inventory(sm.model)}
+
+
+def run_stablequant(
+    sm: SpeechModel,
+    calib_batches: Sequence,
+    dev_batches: Sequence,
+    settings: Settings | None = None,
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> StableQuantResult:
+    """Algorithm 1 on ``sm``; returns the quantized copy, the decisions and a ModelOpt config."""
+    from sq_plugin.modelopt_glue import activation_quantizers
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    s = settings or Settings()
+    s.validate()
+    scorer = DevScorer(sm, dev_batches)
+    state = StateFile(state_path, _fingerprint(sm, calib_batches, dev_batches, s), resume)
+    kinds = _layer_kinds(sm)
+
+    # One calibration pass: histograms of every activation quantizer, max amax of every weight.
+    qsm = quantize_copy(sm, stablequant_config(s.wbits, s.abits, num_bins=s.num_bins), calib_batches)
+    model = qsm.model
+    acts = activation_quantizers(model)
+    if not acts:
+        raise ValueError("the model has no enabled activation quantizers to calibrate")
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    enabled = {n for n, q in quantizers.items() if q.is_enabled}
+    cals = {n: q._calibrator for n, q in acts.items()}
+    runner = PrefixRunner(model, forward_logits, dev_batches)
+    evaluations = 0
+
+    def only(active: set[str]) -> None:
+        for n, q in quantizers.items():
+            q.enable() if n in active else q.disable()
+
+    def evaluate(module_path: str | None) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        with torch.inference_mode():
+            return scorer.wer(runner.run(None if s.naive_stage1 else module_path))
+
+    # float reference (all quantizers off)
+    if state.data["float_wer"] is None:
+        only(set())
+        state.data["float_wer"] = evaluate(None)
+        state.save()
+    float_wer = state.data["float_wer"]
+
+    # Stage 1: each activation quantizer alone, MAX calibration
+    stage1 = []
+    for name in tqdm(list(acts), desc="stage 1: one layer at a time (MAX)", disable=not progress):
+        layer = name.rsplit(".", 1)[0]
+        amax_max = float(cals[name].compute_amax(cutoff=0.0, mse=False))
+        if name not in state.data["stage1"]:
+            only({name})
+            acts[name].amax = amax_max
+            state.data["stage1"][name] = evaluate(layer)
+            state.save()
+        wer = state.data["stage1"][name]
+        stage1.append(LayerResult(name, layer, kinds.get(layer, "other"), wer, wer - float_wer,
+                                  wer - float_wer > s.gamma, amax_max))
+    runner.clear()
+    marked = [r.quantizer for r in stage1 if r.marked]
+    log.info("stage 1 marked %d layer(s): %s", len(marked), marked)
+
+    # Stage 2: every quantizer on; marked layers cut-off p + MSE, the rest MSE only
+    only(enabled)
+    mse_amax = {n: float(cals[n].compute_amax(cutoff=0.0, mse=True)) for n in acts if n not in marked}
+    grids = {n: [float(a) for a in cals[n].amax_grid(s.grid, mse=True)] for n in marked}
+    for n, a in mse_amax.items():
+        acts[n].amax = a
+    by_candidate: dict[tuple, float] = {}
+    for k, p in enumerate(tqdm(s.grid, desc="stage 2: cut-off search", disable=not progress)):
+        key = tuple(grids[n][k] for n in marked)
+        if str(p) not in state.data["stage2"]:
+            if key not in by_candidate:
+                for n in marked:
+                    acts[n].amax = grids[n][k]
+                state.data["stage2"][str(p)] = evaluate(None)
+                state.save()
+            else:  # same scales as an evaluated cut-off: same WER
+                state.data["stage2"][str(p)] = by_candidate[key]
+        by_candidate.setdefault(key, state.data["stage2"][str(p)])
+    stage2 = {str(p): state.data["stage2"][str(p)] for p in s.grid}
+    k_opt = min(range(len(s.grid)), key=lambda k: (stage2[str(s.grid[k])], k))  # ties -> smaller p
+    p_opt = s.grid[k_opt]
+    for n in marked:
+        acts[n].amax = grids[n][k_opt]
+
+    config = stablequant_config(s.wbits, s.abits, cutoff=p_opt, clip_layers=marked, num_bins=s.num_bins)
+    amax = {n: float(q.amax) for n, q in acts.items()}
+    histograms = {n: histogram_arrays(cals[n]) for n in acts}
+    return StableQuantResult(
+        settings=asdict(s), float_wer=float_wer, stage1=stage1, marked=marked, stage2=stage2,
+        p_opt=p_opt, final_wer=stage2[str(p_opt)], amax=amax, config=config,
+        evaluations=evaluations, model=qsm, histograms=histograms,
+    )

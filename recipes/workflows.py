@@ -1,0 +1,134 @@
+"""What each ``stablequant`` sub-command does, given its parsed arguments.
+
+The CLI only parses; these functions load data and models, call the recipe, and write outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .data import make_batches, open_dataset
+from .models import SpeechModel, resolve_model
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("report.json", "report.md", "modelopt_config.json", "model.pth", "state.json",
+                "activation_ranges.png", "wer_vs_cutoff.png", "compare.json", "compare.md")
+
+
+def demo_split(split: str) -> Path:
+    from recipes.demo import demo_data
+
+    return Path(demo_data(split))
+
+
+def load_batches(path: str | None, split: str, sm: SpeechModel, args, model_name: str):
+    """Batches of a user data set, or of the shipped demo split when ``--model demo``."""
+    if path is None:
+        if model_name != "demo":
+            raise ValueError(f"--{split} is required unless --model demo (which ships its own {split} set)")
+        path = demo_split(split)
+    batches = make_batches(open_dataset(path), sm, batch_seconds=args.batch_seconds,
+                           limit=args.limit, seed=args.seed, skip_bad=args.skip_bad)
+    log.info("%s: %d utterances, %.1f s of audio from %s", split, batches.num_utterances, batches.seconds, path)
+    return batches
+
+
+def prepare_out_dir(out: str, overwrite: bool, resume: bool) -> Path:
+    """Refuse to write into an existing non-empty directory unless asked; never delete anything."""
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(f"output directory {out_dir} exists and is not empty: pass --overwrite "
+                              "(our files are replaced, nothing else is touched) or --resume")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = out_dir / "state.json"
+    if overwrite and not resume and state.exists():
+        state.unlink()  # our own state file: a fresh run starts from scratch
+    return out_dir
+
+
+def run_quantize(args) -> dict:
+    from .report import write_quantize_outputs
+    from .stablequant import Settings, run_stablequant
+
+    torch.manual_seed(args.seed)
+    sm = resolve_model(args.model)
+    calib = load_batches(args.calib, "calib", sm, args, args.model)
+    dev = load_batches(args.dev, "dev", sm, args, args.model)
+    out_dir = prepare_out_dir(args.out, args.overwrite, args.resume)
+    settings = Settings(wbits=args.wbits or args.bits, abits=args.bits, gamma=args.gamma,
+                        grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
+    start = time.perf_counter()
+    result = run_stablequant(sm, calib, dev, settings, state_path=out_dir / "state.json", resume=args.resume)
+    elapsed = time.perf_counter() - start
+    meta = {"model": str(args.model), "arch": sm.arch, "calib_utterances": calib.num_utterances,
+            "dev_utterances": dev.num_utterances, "seconds": round(elapsed, 1)}
+    md = write_quantize_outputs(out_dir, result, meta)
+    print(md)
+    print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, PNG plots)")
+    return result.to_json()
+
+
+def run_compare(args) -> dict:
+    from .compare import compare_methods
+    from .report import write_compare_outputs
+
+    torch.manual_seed(args.seed)
+    sm = resolve_model(args.model)
+    calib = load_batches(args.calib, "calib", sm, args, args.model)
+    dev = load_batches(args.dev, "dev", sm, args, args.model)
+    test = load_batches(args.test, "test", sm, args, args.model)
+    out_dir = prepare_out_dir(args.out, args.overwrite, args.resume)
+    table = compare_methods(sm, calib, dev, test, bits=args.bits, gamma=args.gamma, grid=args.grid,
+                            num_bins=args.num_bins, out_dir=out_dir, resume=args.resume)
+    table["model"] = str(args.model)
+    md = write_compare_outputs(out_dir, table)
+    print(md)
+    return table
+
+
+def run_eval(args) -> dict:
+    if args.onnx:
+        from .onnx_runner import run_eval_onnx
+
+        return run_eval_onnx(args.onnx, data=args.data, model=args.model, limit=args.limit,
+                             batch_seconds=args.batch_seconds, skip_bad=args.skip_bad, seed=args.seed)
+    from .evaluate import run_eval as eval_model
+
+    if not args.config:
+        return eval_model(args.model, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
+                          skip_bad=args.skip_bad, seed=args.seed)
+    from .qconfig import load_config, quantize_copy
+
+    config = load_config(args.config)
+    sm = resolve_model(args.model)
+    calib = load_batches(args.calib, "calib", sm, args, args.model)
+    qsm = quantize_copy(sm, config, calib)
+    return eval_model(qsm, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
+                      skip_bad=args.skip_bad, seed=args.seed)
+
+
+def run_export(args) -> dict:
+    from .export import build_trt_engine, export_onnx
+    from .qconfig import load_config, quantize_copy
+
+    sm = resolve_model(args.model)
+    onnx_path = Path(args.onnx)
+    if onnx_path.exists() and not args.overwrite:
+        raise FileExistsError(f"{onnx_path} exists: pass --overwrite to replace it")
+    if args.config:
+        calib = load_batches(args.calib, "calib", sm, args, args.model)
+        sm = quantize_copy(sm, load_config(args.config), calib)
+    info = export_onnx(sm, onnx_path, allow_fp32=args.allow_fp32)
+    print(json.dumps(info, indent=2, default=str))
+    if args.engine:
+        build_trt_engine(onnx_path, args.engine)
+        print(f"wrote TensorRT engine {args.engine}")
+    return info

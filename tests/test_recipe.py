@@ -1,0 +1,147 @@
+"""Algorithm 1 end to end on a tiny random model.
+
+A random model recognises nothing, so the dev "references" are the float model's own greedy
+transcripts: float WER is 0 and every quantization error shows up as WER. Oracles: a plain full
+forward (for the prefix cache), a naive Stage 1, a fresh ``mtq.quantize`` of the emitted config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import sq_plugin  # noqa: F401
+from recipes.asr import transcribe
+from recipes.data import make_batches, open_dataset
+from recipes.models import random_model, remove_weight_norm
+from recipes.qconfig import calibration_loop, forward_logits, quantize_copy, stablequant_config
+from recipes.reuse import PrefixRunner
+from recipes.stablequant import DevScorer, Settings, parse_grid, run_stablequant
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
+
+GRID = [0.0, 0.05, 0.1, 0.2, 0.5]
+
+
+def _write_set(root, name, n, rng, texts=None):
+    d = root / name
+    d.mkdir()
+    rows = []
+    for i in range(n):
+        x = rng.standard_normal(6000 + 1000 * i).astype("float32") * 0.1
+        x[rng.integers(len(x))] = 3.0  # a spike: outliers for the CNN input
+        sf.write(d / f"{name}{i}.flac", x, 16000)
+        rows.append(f"{name}{i}.flac\t{texts[i] if texts else 'X'}")
+    (d / "index.tsv").write_text("\n".join(rows) + "\n")
+    return d / "index.tsv"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    rng = np.random.default_rng(0)
+    sm = random_model("tiny", seed=3)
+    remove_weight_norm(sm.model)
+    calib = make_batches(open_dataset(_write_set(root, "calib", 4, rng)), sm, batch_seconds=2)
+    utts0 = open_dataset(_write_set(root, "dev0", 5, np.random.default_rng(1)))
+    dev0 = make_batches(utts0, sm, batch_seconds=1.5)
+    by_id = dict(zip([i for b in dev0 for i in b.ids], transcribe(sm, dev0, progress=False)))
+    texts = [by_id[u.id] or "A" for u in utts0]  # same audio, in file order
+    dev = make_batches(open_dataset(_write_set(root, "dev", 5, np.random.default_rng(1), texts)), sm, batch_seconds=1.5)
+    return sm, calib, dev
+
+
+def test_prefix_cache_matches_full_forward(setup):
+    sm, calib, dev = setup
+    qsm = quantize_copy(sm, stablequant_config(8, 8, num_bins=256), calib)
+    model = qsm.model
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    acts = [n for n, q in quantizers.items() if q.is_enabled and n.endswith("input_quantizer")]
+    runner = PrefixRunner(model, forward_logits, dev)
+    with torch.inference_mode():
+        for name in acts:  # model order, as Stage 1 visits them
+            for n, q in quantizers.items():
+                q.enable() if n == name else q.disable()
+            full = [forward_logits(model, b) for b in dev]
+            cached = runner.run(name.rsplit(".", 1)[0])
+            for a, b in zip(full, cached):
+                assert torch.equal(a, b), name
+
+
+def test_stage1_reuse_equals_naive_and_config_reproduces(setup):
+    sm, calib, dev = setup
+    fast = run_stablequant(sm, calib, dev, Settings(grid=GRID, gamma=0.25, num_bins=256), progress=False)
+    naive = run_stablequant(sm, calib, dev, Settings(grid=GRID, gamma=0.25, num_bins=256, naive_stage1=True),
+                            progress=False)
+    assert fast.float_wer == 0.0
+    assert [r.wer for r in fast.stage1] == [r.wer for r in naive.stage1]
+    assert fast.marked == naive.marked
+    assert any(r.wer > 0 for r in fast.stage1)  # quantization is visible in this setup
+    assert fast.marked == [r.quantizer for r in fast.stage1 if r.wer - fast.float_wer > 0.25]
+    # argmin with ties to the smaller p
+    best = min(fast.stage2.values())
+    assert fast.p_opt == min(float(p) for p, w in fast.stage2.items() if w == best)
+
+    # the emitted config is plain JSON and reproduces the model through mtq.quantize
+    config = json.loads(json.dumps(fast.config))
+    assert config["algorithm"]["clip_layers"] == sorted(fast.marked)
+    fresh = remove_weight_norm(copy.deepcopy(sm.model))
+    mtq.quantize(fresh, config, calibration_loop(calib))
+    mine = dict(fast.model.model.named_modules())
+    for name, q in fresh.named_modules():
+        if isinstance(q, TensorQuantizer) and q.is_enabled:
+            assert torch.equal(q.amax, mine[name].amax), name
+    with torch.inference_mode():
+        wer = DevScorer(sm, dev).wer([forward_logits(fresh, b) for b in dev])
+    assert wer == fast.final_wer
+
+
+def test_resume_after_kill_gives_same_result(setup, tmp_path, monkeypatch):
+    sm, calib, dev = setup
+    settings = Settings(grid=GRID, num_bins=256)
+    reference = run_stablequant(sm, calib, dev, settings, progress=False)
+    state = tmp_path / "state.json"
+    calls = {"n": 0}
+    real = DevScorer.wer
+
+    def dying(self, logits):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt("killed")
+        return real(self, logits)
+
+    monkeypatch.setattr(DevScorer, "wer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_stablequant(sm, calib, dev, settings, state_path=state, progress=False)
+    monkeypatch.setattr(DevScorer, "wer", real)
+    saved = json.loads(state.read_text())
+    assert len(saved["stage1"]) == 6  # float + 6 layers finished before the kill
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_stablequant(sm, calib, dev, settings, state_path=state, progress=False)
+    resumed = run_stablequant(sm, calib, dev, settings, state_path=state, resume=True, progress=False)
+    assert resumed.evaluations < reference.evaluations
+    assert resumed.to_json() | {"evaluations": 0} == reference.to_json() | {"evaluations": 0}
+    other = Settings(grid=GRID, num_bins=256, gamma=1.0)
+    with pytest.raises(ValueError, match="different gamma"):
+        run_stablequant(sm, calib, dev, other, state_path=state, resume=True, progress=False)
+
+
+def test_bad_settings_and_data(setup):
+    sm, calib, dev = setup
+    with pytest.raises(ValueError, match="gamma"):
+        run_stablequant(sm, calib, dev, Settings(gamma=-1), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        parse_grid("")
+    with pytest.raises(ValueError, match="increasing"):
+        Settings(grid=[0.2, 0.1]).validate()
+    with pytest.raises(ValueError, match=r"\[0, 50\]"):
+        parse_grid("0:60:10")
+    assert parse_grid("0:0.5:0.01") == [round(0.01 * i, 10) for i in range(51)]
+    with pytest.raises(ValueError, match="dev set is empty"):
+        run_stablequant(sm, calib, [], Settings(grid=GRID), progress=False)
