@@ -6,6 +6,7 @@ built with random weights from configs that mirror the real checkpoint shapes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import string
@@ -174,8 +175,6 @@ def random_model(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 
 
     device="meta" builds the module tree without allocating weights (shape/inventory checks).
     """
-    import contextlib
-
     import transformers
 
     config = random_config(shape, arch, vocab_size)
@@ -198,7 +197,8 @@ def save_model(sm: SpeechModel, directory: str | Path) -> Path:
     """Write an HF directory (safetensors + vocab.json + preprocessor_config.json)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sm.model.save_pretrained(directory, safe_serialization=True)
+    with _quiet_transformers():
+        sm.model.save_pretrained(directory, safe_serialization=True)
     vocab = {tok: i for i, tok in enumerate(sm.vocab)}
     (directory / "vocab.json").write_text(json.dumps(vocab, indent=1, ensure_ascii=False))
     blank = sm.vocab[sm.blank_id]
@@ -246,6 +246,20 @@ def _load_vocab(directory: Path) -> tuple[list[str], int, str]:
     if pad not in raw:
         raise ValueError(f"{vocab_path}: pad/blank token {pad!r} not in the vocabulary")
     return vocab, raw[pad], delimiter
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No per-tensor "Loading weights" bar: the demo model is loaded on every CLI call."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -316,10 +330,11 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
     if _has_folded_weight_norm(directory):
         model, missing = _load_folded(model_cls, directory)
     else:
-        model, info = model_cls.from_pretrained(
-            directory, local_files_only=True, use_safetensors=True, dtype=torch.float32,
-            output_loading_info=True,
-        )
+        with _quiet_transformers():
+            model, info = model_cls.from_pretrained(
+                directory, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+                output_loading_info=True,
+            )
         missing = info.get("missing_keys", [])
     missing = [k for k in missing if "masked_spec_embed" not in k]
     if missing:
