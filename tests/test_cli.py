@@ -1,0 +1,74 @@
+"""The ``stablequant`` command on a tiny saved model: outputs, refusals, re-applied config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from recipes.models import random_model, save_model
+from sq_plugin.cli import main
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_model(random_model("tiny", seed=5), root / "model")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        sf.write(root / f"u{i}.flac", rng.standard_normal(5000 + 700 * i).astype("float32") * 0.1, 16000)
+        rows.append(f"u{i}.flac\tHELLO THERE")
+    (root / "set.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _quantize_args(ws, out, *extra):
+    return ["quantize", "--model", str(ws / "model"), "--calib", str(ws / "set.tsv"), "--dev", str(ws / "set.tsv"),
+            "--grid", "0,0.1,0.2", "--num-bins", "256", "--out", str(out), *extra]
+
+
+def test_quantize_writes_reports_and_refuses_existing_dir(workspace, capsys):
+    out = workspace / "run"
+    assert main(_quantize_args(workspace, out)) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "report.md", "modelopt_config.json", "model.pth", "state.json",
+            "activation_ranges.png", "wer_vs_cutoff.png"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["grid"] == [0.0, 0.1, 0.2]
+    assert len(report["stage1"]) > 10 and set(report["stage2"]) == {"0.0", "0.1", "0.2"}
+    assert (out / "activation_ranges.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((out / "modelopt_config.json").read_text())
+    assert config["algorithm"]["method"] == "stablequant"
+    assert "| layer | kind |" in (out / "report.md").read_text()
+
+    (out / "my_notes.txt").write_text("mine")
+    assert main(_quantize_args(workspace, out)) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(_quantize_args(workspace, out, "--overwrite")) == 0
+    assert (out / "my_notes.txt").read_text() == "mine"  # never deletes user files
+
+    # the written config re-applies through `stablequant eval --config`
+    assert main(["eval", "--model", str(workspace / "model"), "--data", str(workspace / "set.tsv"),
+                 "--calib", str(workspace / "set.tsv"), "--config", str(out / "modelopt_config.json")]) == 0
+    printed = capsys.readouterr().out
+    assert '"wer"' in printed and "WER" in printed
+
+
+def test_bad_input_is_a_clear_error(workspace, capsys):
+    assert main(["quantize", "--model", "no-such-model", "--out", str(workspace / "x")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert main(_quantize_args(workspace, workspace / "g", "--gamma", "-1")) == 2
+    assert "gamma" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_quantize_args(workspace, workspace / "h")[:-2] + ["--grid", "0.3,0.1", "--out", "h"])
+    assert "increasing" in capsys.readouterr().err
+
+
+def test_calibrators_listing(capsys):
+    assert main(["calibrators"]) == 0
+    out = capsys.readouterr().out
+    for name in ("stablequant", "max", "percentile", "mse", "entropy"):
+        assert name in out
