@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ class StableQuantResult:
     amax: dict[str, float]  # activation quantizer -> final amax
     config: dict
     evaluations: int  # model evaluations actually run (after reuse)
+    seconds: dict[str, float]  # wall time per phase: calibrate, float, stage1, stage2
     model: SpeechModel | None = None  # the quantized model (not serialised)
     histograms: dict | None = None  # quantizer -> (counts, edges) for plots (not serialised)
 
@@ -196,6 +198,15 @@ def run_stablequant(
     state = StateFile(state_path, _fingerprint(sm, calib_batches, dev_batches, s), resume)
     kinds = _layer_kinds(sm)
 
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = round(now - clock, 3)
+        clock = now
+
     # One calibration pass: histograms of every activation quantizer, max amax of every weight.
     qsm = quantize_copy(sm, stablequant_config(s.wbits, s.abits, num_bins=s.num_bins), calib_batches)
     model = qsm.model
@@ -207,6 +218,7 @@ def run_stablequant(
     cals = {n: q._calibrator for n, q in acts.items()}
     runner = PrefixRunner(model, forward_logits, dev_batches)
     evaluations = 0
+    lap("calibrate")
 
     def only(active: set[str]) -> None:
         for n, q in quantizers.items():
@@ -224,6 +236,7 @@ def run_stablequant(
         state.data["float_wer"] = evaluate(None)
         state.save()
     float_wer = state.data["float_wer"]
+    lap("float")
 
     # Stage 1: each activation quantizer alone, MAX calibration
     stage1 = []
@@ -239,6 +252,7 @@ def run_stablequant(
         stage1.append(LayerResult(name, layer, kinds.get(layer, "other"), wer, wer - float_wer,
                                   wer - float_wer > s.gamma, amax_max))
     runner.clear()
+    lap("stage1")
     marked = [r.quantizer for r in stage1 if r.marked]
     log.info("stage 1 marked %d layer(s): %s", len(marked), marked)
 
@@ -265,6 +279,7 @@ def run_stablequant(
     p_opt = s.grid[k_opt]
     for n in marked:
         acts[n].amax = grids[n][k_opt]
+    lap("stage2")
 
     config = stablequant_config(s.wbits, s.abits, cutoff=p_opt, clip_layers=marked, num_bins=s.num_bins)
     amax = {n: float(q.amax) for n, q in acts.items()}
@@ -272,5 +287,5 @@ def run_stablequant(
     return StableQuantResult(
         settings=asdict(s), float_wer=float_wer, stage1=stage1, marked=marked, stage2=stage2,
         p_opt=p_opt, final_wer=stage2[str(p_opt)], amax=amax, config=config,
-        evaluations=evaluations, model=qsm, histograms=histograms,
+        evaluations=evaluations, seconds=seconds, model=qsm, histograms=histograms,
     )
