@@ -261,3 +261,24 @@ def test_duplicate_name_from_two_plugins_is_an_error():
             sq_plugin.calibrator_names()
     finally:
         sq_plugin.unregister_plugin(plugin)
+
+
+def test_combines_with_smoothquant(tiny):
+    """``[smoothquant, stablequant]``: StableQuant calibrates the smoothed activations."""
+    model0, audio = tiny
+    raw = _captured_inputs(model0, audio)
+    algo = [{"method": "smoothquant"}, {"method": "stablequant", "num_bins": 256}]
+    model = mtq.quantize(copy.deepcopy(model0), {"quant_cfg": _quant_cfg(), "algorithm": algo}, _loop(audio))
+    layer = "wav2vec2.encoder.layers.0.attention.q_proj"
+    q = dict(model.named_modules())[layer + ".input_quantizer"]
+    assert q.pre_quant_scale is not None and isinstance(q._calibrator, StableQuantCalibrator)
+    # the smoothed input the quantizer sees: raw input (flattened [tokens, channels]) * scale
+    seen = []
+    h = dict(model0.named_modules())[layer].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    _loop(audio)(model0)
+    h.remove()
+    smoothed = torch.cat([(x * q.pre_quant_scale).abs().flatten() for x in seen]).double().numpy()
+    assert not np.allclose(smoothed.max(), raw[layer].max())
+    # the histogram it searched is that of the smoothed input (its exact max says so)
+    assert q._calibrator.histogram.amax == pytest.approx(smoothed.max(), rel=1e-5)
+    assert q._calibrator.histogram.total == smoothed.size
