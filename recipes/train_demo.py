@@ -138,9 +138,13 @@ def main(argv=None) -> None:
     ap.add_argument("--dev-subset", type=int, default=150)
     ap.add_argument("--log", type=Path, default=None)
     ap.add_argument("--limit", type=int, default=None, help="use only N training utts (smoke)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; 1 is faster when other jobs share the CPU")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from a saved model dir (fresh optimizer and schedule)")
     a = ap.parse_args(argv)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
     rng = random.Random(a.seed)
@@ -161,7 +165,7 @@ def main(argv=None) -> None:
     log(f"loaded {len(train)} train utts ({hours:.2f} h), {len(dev)} dev in {time.time() - t_load:.0f}s")
 
     processor = make_processor(a.out.with_name(a.out.name + ".vocab"))
-    model = Wav2Vec2ForCTC(make_config())
+    model = Wav2Vec2ForCTC.from_pretrained(a.init) if a.init else Wav2Vec2ForCTC(make_config())
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters; args {vars(a)}")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
