@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.onnx import symbolic_helper
+
+from recipes.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,12 @@ class QuantSpec:
     def needs_clip(self) -> bool:
         """Narrower than int8's saturation range, so an explicit clip must come first."""
         return (self.qmin, self.qmax) != (INT8_MIN, INT8_MAX)
+
+
+def int_range(num_bits: int, narrow_range: bool) -> tuple[int, int]:
+    """Integer levels ModelOpt's signed fake-quant uses: [-2^(b-1), 2^(b-1)-1], or symmetric."""
+    qmax = (1 << (num_bits - 1)) - 1
+    return (-qmax if narrow_range else -qmax - 1), qmax
 
 
 def _single_axis(quantizer, name: str) -> int | None:
@@ -114,8 +120,7 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
         if not torch.isfinite(amax).all() or (amax < 0).any():
             raise ExportError(f"{name}: amax has negative or non-finite values")
         axis = _single_axis(q, name) if amax.numel() > 1 else None
-        qmax = (1 << (bits - 1)) - 1
-        specs[name] = QuantSpec(name, bits, -qmax if q.narrow_range else -qmax - 1, qmax, axis,
+        specs[name] = QuantSpec(name, bits, *int_range(bits, q.narrow_range), axis,
                                 amax.detach().clone())
     return specs
 
@@ -151,11 +156,9 @@ class _QDQ(torch.autograd.Function):
 
 def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
     amax = quantizer._get_amax(inputs)
-    bits = quantizer.num_bits
-    qmax = (1 << (bits - 1)) - 1
-    qmin = -qmax if quantizer.narrow_range else -qmax - 1
+    bits, narrow = quantizer.num_bits, quantizer.narrow_range
     axis = _single_axis(quantizer, "quantizer") if amax.numel() > 1 else None
-    return _QDQ.apply(inputs, amax, bits, quantizer.narrow_range, axis, qmin, qmax)
+    return _QDQ.apply(inputs, amax, bits, narrow, axis, *int_range(bits, narrow))
 
 
 @contextlib.contextmanager
@@ -177,6 +180,22 @@ def _qdq_backend(model: nn.Module, specs: dict[str, QuantSpec]) -> Iterator[None
     finally:
         for name, backend in saved.items():
             modules[name].backend = backend
+
+
+@contextlib.contextmanager
+def _eager_attention(net: nn.Module) -> Iterator[None]:
+    """Trace HF's eager attention: SDPA exports an all-zero mask Add and an IsNaN/Where pair per
+    layer that cost ~5% of CPU run time and mean nothing for an unmasked encoder."""
+    config = getattr(net, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if previous in (None, "eager") or not hasattr(net, "set_attn_implementation"):
+        yield
+        return
+    net.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        net.set_attn_implementation(previous)
 
 
 # ----------------------------------------------------------------------------- graph rewrite
@@ -315,23 +334,26 @@ def _speech_metadata(speech, net: nn.Module) -> dict[str, str]:
 
 
 def _container_note(specs: dict[str, QuantSpec]) -> str | None:
-    narrow = sorted({s.num_bits for s in specs.values() if s.num_bits < 8})
-    if not narrow:
+    from collections import Counter
+
+    grids = Counter((s.num_bits, s.qmin, s.qmax) for s in specs.values() if s.num_bits < 8)
+    if not grids:
         return None
-    parts = [f"{b}-bit quantizers use the int8 container: scale=amax/{(1 << (b - 1)) - 1}, "
-             f"integers clipped to [{-(1 << (b - 1))}, {(1 << (b - 1)) - 1}] "
-             f"({sum(s.num_bits == b for s in specs.values())} quantizers)" for b in narrow]
+    parts = [f"{bits}-bit quantizers use the int8 container: scale=amax/{qmax}, integers clipped "
+             f"to [{qmin}, {qmax}] ({count} quantizers)"
+             for (bits, qmin, qmax), count in sorted(grids.items())]
     return "; ".join(parts) + ". Storage and compute are int8; accuracy is that of the narrow grid."
 
 
 def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, opset: int = MIN_OPSET,
                 allow_fp32: bool = False, bits_note: str | None = None,
-                metadata: dict[str, str] | None = None) -> Path:
+                metadata: dict[str, str] | None = None) -> dict:
     """Export a ModelOpt-quantized HF CTC model (or a SpeechModel) to Q/DQ ONNX with int8 weights.
 
     Input ``input_values`` [batch, samples] (already normalised if the model expects it), output
     ``logits`` [batch, frames, vocab]; both batch and length are dynamic. ``bits_note`` is extra
     free text stored with the int8-container note. The file appears atomically or not at all.
+    Returns a summary dict (path, precision, quantizer count, int8 weights, bits, size).
     """
     from recipes.models import remove_weight_norm
 
@@ -362,38 +384,39 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     meta.update(metadata or {})
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     sampling_rate = int(getattr(speech, "sampling_rate", 16000))
     # Batch 2 at trace time so nothing gets specialised to a single-item batch.
     sample = torch.randn(2, max(int(sample_seconds * sampling_rate), 400))
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
     was_training = net.training
     try:
         net.eval()
-        with torch.no_grad(), _qdq_backend(net, specs), warnings.catch_warnings():
-            # Shape checks in HF code are traced as constants; the dynamic axes are tested.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                _LogitsOnly(net), (sample,), tmp, input_names=["input_values"],
-                output_names=["logits"], opset_version=opset, dynamo=False,
-                dynamic_axes={"input_values": {0: "batch", 1: "samples"},
-                              "logits": {0: "batch", 1: "frames"}},
-            )
-        proto = onnx.load(tmp)
-        folded = fold_weight_quantizers(proto)
-        log.info("ONNX export: %d quantizers, %d weights stored as int8", len(specs), folded)
-        for key, value in meta.items():
-            proto.metadata_props.add(key=key, value=value)
-        proto.producer_name = "sq-plugin"
-        onnx.save(proto, tmp)
-        onnx.checker.check_model(tmp)
-        os.replace(tmp, out_path)
+        with atomic_output(out_path) as tmp:
+            with torch.no_grad(), _qdq_backend(net, specs), _eager_attention(net), \
+                    warnings.catch_warnings():
+                # Shape checks in HF code are traced as constants; the dynamic axes are tested.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                torch.onnx.export(
+                    _LogitsOnly(net), (sample,), str(tmp), input_names=["input_values"],
+                    output_names=["logits"], opset_version=opset, dynamo=False,
+                    dynamic_axes={"input_values": {0: "batch", 1: "samples"},
+                                  "logits": {0: "batch", 1: "frames"}},
+                )
+            proto = onnx.load(str(tmp))
+            folded = fold_weight_quantizers(proto)
+            for key, value in meta.items():
+                proto.metadata_props.add(key=key, value=value)
+            proto.producer_name = "sq-plugin"
+            onnx.save(proto, str(tmp))
+            onnx.checker.check_model(str(tmp))
     finally:
         net.train(was_training)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path
+    log.info("ONNX export: %s (%d quantizers, %d weights stored as int8)", out_path, len(specs),
+             folded)
+    return {"path": str(out_path), "precision": meta[META_PREFIX + "precision"],
+            "quantizers": len(specs), "int8_weights": folded,
+            "bits": sorted({s.num_bits for s in specs.values()}),
+            "container_note": meta.get(META_PREFIX + "container_note"),
+            "size_bytes": out_path.stat().st_size}
 
 
 def read_metadata(onnx_path: str | Path) -> dict[str, object]:
@@ -455,13 +478,6 @@ def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, *,
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=engine_path.parent, prefix=f".{engine_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(serialized)
-        os.replace(tmp, engine_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(engine_path) as tmp:
+        tmp.write_bytes(serialized)
     return engine_path

@@ -85,12 +85,12 @@ class OnnxCTCModel:
         """A recipes.models.SpeechModel around this session, for evaluate()/transcribe().
 
         The vocab and preprocessing facts come from the ONNX metadata, or from `vocab_source`
-        (a SpeechModel or an HF model directory) for files exported without them.
+        (a SpeechModel, "demo" or an HF model directory) for files exported without them.
         """
-        from recipes.models import SpeechModel, load_ctc_model
+        from recipes.models import SpeechModel, resolve_model
 
         if vocab_source is not None and not hasattr(vocab_source, "vocab"):
-            vocab_source = load_ctc_model(vocab_source)
+            vocab_source = resolve_model(vocab_source)
         meta = self.meta
         if vocab_source is None and "vocab" not in meta:
             raise ValueError(f"{self.path}: no vocabulary in the ONNX metadata; pass the source "
@@ -112,16 +112,43 @@ class OnnxCTCModel:
         )
 
 
-def run_eval_onnx(onnx_path: str | Path, data, vocab_source=None, *, limit: int | None = None,
-                  batch_seconds: float = 32.0, seed: int = 0, skip_bad: bool = False,
-                  providers: list[str] | None = None, progress: bool = False) -> dict:
-    """WER/CER of an exported .onnx on a data set (path or ready batches), like recipes.asr.evaluate."""
-    from recipes.asr import evaluate
-    from recipes.data import make_batches, open_dataset
+def run_eval_onnx(onnx_path: str | Path, data=None, model: str | Path | None = "demo", *,
+                  limit: int | None = None, batch_seconds: float = 60.0, skip_bad: bool = False,
+                  seed: int = 0, providers: list[str] | None = None, progress: bool = True,
+                  print_table: bool = True) -> dict:
+    """`stablequant eval --onnx`: WER/CER of an exported .onnx, scored like recipes.evaluate.run_eval.
 
-    sm = OnnxCTCModel(onnx_path, providers=providers).speech_model(vocab_source)
-    batches = data
-    if isinstance(data, (str, Path)):
-        batches = make_batches(open_dataset(data), sm, batch_seconds=batch_seconds, limit=limit,
-                               seed=seed, skip_bad=skip_bad)
-    return evaluate(sm, batches, progress=progress)
+    `data` is a data set path (None: the demo test set when model is "demo") or ready batches.
+    `model` supplies the vocabulary only if the .onnx lacks it in its metadata.
+    """
+    import time
+
+    from recipes.asr import evaluate
+    from recipes.data import make_batches
+    from recipes.evaluate import format_table, load_eval_data
+
+    runner = OnnxCTCModel(onnx_path, providers=providers)
+    sm = runner.speech_model(None if "vocab" in runner.meta else model)
+    if data is None or isinstance(data, (str, Path)):
+        utts, data_label = load_eval_data(str(model), data)
+        batches = make_batches(utts, sm, batch_seconds=batch_seconds, limit=limit, seed=seed,
+                               skip_bad=skip_bad)
+    else:
+        batches, data_label = data, "batches"
+    start = time.perf_counter()
+    result = evaluate(sm, batches, progress=progress)
+    elapsed = time.perf_counter() - start
+    audio_seconds = sum(float(b.lengths.sum()) for b in batches) / sm.sampling_rate
+    result.update(model=str(onnx_path), arch=sm.arch, data=data_label, audio_seconds=audio_seconds,
+                  precision=runner.meta.get("precision", "unknown"), elapsed_seconds=elapsed)
+    if print_table:
+        print(format_table([
+            ("onnx", f"{onnx_path} ({result['precision']}, ONNX Runtime "
+                     f"{runner.session.get_providers()[0]})"),
+            ("data", data_label),
+            ("utterances", str(result["n"])),
+            ("WER", f"{result['wer']:.2f} %"),
+            ("CER", f"{result['cer']:.2f} %"),
+            ("time", f"{elapsed:.1f} s (RTF {elapsed / max(audio_seconds, 1e-9):.3f})"),
+        ]))
+    return result

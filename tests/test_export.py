@@ -56,7 +56,7 @@ def torch_logits(sm, x):
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory):
     sm = quantized_tiny()
-    path = export_onnx(sm, tmp_path_factory.mktemp("int8") / "tiny.onnx")
+    path = export_onnx(sm, tmp_path_factory.mktemp("int8") / "tiny.onnx")["path"]
     return sm, path, onnx.load(path)
 
 
@@ -66,7 +66,7 @@ def w6(tmp_path_factory):
     # One weight quantizer with a deliberately small amax, so clipping to the 6-bit range bites.
     q = sm.model.wav2vec2.encoder.layers[0].attention.q_proj.weight_quantizer
     q.amax = q.amax * 0.5
-    path = export_onnx(sm, tmp_path_factory.mktemp("w6") / "tiny_w6.onnx")
+    path = export_onnx(sm, tmp_path_factory.mktemp("w6") / "tiny_w6.onnx")["path"]
     return sm, path, onnx.load(path)
 
 
@@ -218,7 +218,7 @@ def test_narrow_activation_gets_clip_before_quantize(tmp_path):
     sm = quantized_tiny()
     q = sm.model.wav2vec2.encoder.layers[0].feed_forward.intermediate_dense.input_quantizer
     q.num_bits = 4
-    path = export_onnx(sm, tmp_path / "a4.onnx")
+    path = export_onnx(sm, tmp_path / "a4.onnx")["path"]
     proto = onnx.load(path)
     producers = {o: n for n in proto.graph.node for o in n.output}
     quant = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"
@@ -250,7 +250,7 @@ def test_unquantized_model_needs_allow_fp32(tmp_path):
     sm = random_model("tiny")
     with pytest.raises(ExportError, match="allow_fp32"):
         export_onnx(sm, tmp_path / "fp32.onnx")
-    path = export_onnx(sm, tmp_path / "fp32.onnx", allow_fp32=True)
+    path = export_onnx(sm, tmp_path / "fp32.onnx", allow_fp32=True)["path"]
     proto = onnx.load(path)
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
     assert read_metadata(path)["precision"] == "fp32"
@@ -326,7 +326,7 @@ def test_onnx_model_plugs_into_evaluate(int8):
     x[1, 11_000:] = 0
     batches = [Batch(x, None, lengths, ["HELLO WORLD", "A B"], ["u1", "u2"])]
     expected = evaluate(sm, batches, progress=False)
-    got = run_eval_onnx(path, batches)
+    got = run_eval_onnx(path, batches, progress=False, print_table=False)
     assert got["hyps"] == expected["hyps"] and got["wer"] == expected["wer"]
     # A mask-trained model's runner evaluates each utterance unpadded.
     mask = (torch.arange(16_000)[None] < lengths[:, None]).long()

@@ -1,0 +1,236 @@
+"""fp32 ONNX vs int8 Q/DQ ONNX in ONNX Runtime (CPU EP): latency, file size, peak memory.
+
+Models: (a) the demo model, if present, and (b) a random-weight wav2vec2-base-shaped model
+(hidden 768, 12 layers, conv 512) on 10 s of audio. Activations are calibrated with ModelOpt's
+INT8 default config (max calibration) on a few random-audio batches: speed is measured here,
+not accuracy. Both files of a model are timed in the same process with the same session
+options, warmed up, runs interleaved (so background load hits both alike), median reported.
+Peak memory is the RSS increase of a fresh child process that loads the file and runs it once.
+
+    python benchmarks/bench_export.py [--runs 10] [--seconds 10] [--skip-demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results" / "bench_export.json"
+GOALS = {"latency_ratio": 2.5, "size_ratio": 3.8}  # for the base-shaped model
+
+# ru_maxrss survives exec (Linux keeps the forking parent's high-water mark), so the child reads
+# its own VmHWM instead, after resetting it (clear_refs 5) once the imports are done.
+_CHILD = r"""
+import json, sys
+import numpy as np, onnxruntime as ort
+
+def status_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+path, samples, threads, level = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+x = np.random.default_rng(0).standard_normal((1, samples)).astype(np.float32)
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before = status_kib("VmRSS")
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = threads
+opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+sess.run(None, {"input_values": x})
+peak = status_kib("VmHWM")
+print(json.dumps({"rss_before_mib": before / 1024, "peak_increase_mib": (peak - before) / 1024}))
+"""
+
+
+def session_options(threads: int, level: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return opts
+
+
+def peak_memory(path: Path, samples: int, threads: int, level: str) -> dict:
+    """RSS increase of loading + one run, in a fresh interpreter so nothing else is counted."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(samples), str(threads), level],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_sessions(paths: dict[str, Path], samples: int, runs: int, warmup: int, threads: int,
+                  level: str) -> dict[str, dict]:
+    """Median/min latency per file; runs interleaved so both see the same machine load."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((1, samples)).astype(np.float32)
+    sessions = {k: ort.InferenceSession(str(p), session_options(threads, level),
+                                        providers=["CPUExecutionProvider"])
+                for k, p in paths.items()}
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, {"input_values": x})
+    times = {k: [] for k in sessions}
+    for _ in range(runs):
+        for k, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, {"input_values": x})
+            times[k].append(time.perf_counter() - start)
+    return {k: {"median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t)}
+            for k, t in times.items()}
+
+
+def quantize_int8(sm, samples: int, batches: int = 3):
+    """ModelOpt INT8 default config, max calibration on random audio (speed, not accuracy)."""
+    import torch
+
+    import modelopt.torch.quantization as mtq
+    from recipes.models import remove_weight_norm
+
+    remove_weight_norm(sm.model)
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(1, samples, generator=gen) for _ in range(batches)]
+
+    def forward_loop(model):
+        with torch.no_grad():
+            for x in calib:
+                model(x)
+
+    mtq.quantize(sm.model, mtq.INT8_DEFAULT_CFG, forward_loop)
+    return sm
+
+
+def export_pair(make_model, workdir: Path, tag: str, samples: int) -> dict[str, Path]:
+    """fp32 and int8 Q/DQ exports of the same weights."""
+    from recipes.export import export_onnx
+
+    paths = {"fp32": workdir / f"{tag}_fp32.onnx", "int8": workdir / f"{tag}_int8.onnx"}
+    export_onnx(make_model(), paths["fp32"], allow_fp32=True)
+    export_onnx(quantize_int8(make_model(), samples), paths["int8"])
+    return paths
+
+
+def bench_model(tag: str, make_model, args, workdir: Path) -> dict:
+    samples = int(args.seconds * 16000)
+    t0 = time.perf_counter()
+    paths = export_pair(make_model, workdir, tag, samples)
+    export_s = time.perf_counter() - t0
+    latency = time_sessions(paths, samples, args.runs, args.warmup, args.threads, args.opt_level)
+    memory = {k: peak_memory(p, samples, args.threads, args.opt_level) for k, p in paths.items()}
+    sizes = {k: p.stat().st_size for k, p in paths.items()}
+    row = {
+        "model": tag, "audio_seconds": args.seconds, "export_seconds": round(export_s, 1),
+        "size_mib": {k: v / 2**20 for k, v in sizes.items()},
+        "latency_ms": latency,
+        "peak_rss_increase_mib": {k: m["peak_increase_mib"] for k, m in memory.items()},
+        "size_ratio": sizes["fp32"] / sizes["int8"],
+        "latency_ratio": latency["fp32"]["median_ms"] / latency["int8"]["median_ms"],
+        "memory_ratio": memory["fp32"]["peak_increase_mib"] / memory["int8"]["peak_increase_mib"],
+    }
+    if not args.keep:
+        for p in paths.values():
+            p.unlink()
+    return row
+
+
+def demo_factory():
+    """The demo model loader, or None (with the reason) when it is not there yet."""
+    from recipes.models import resolve_model
+
+    try:
+        resolve_model("demo")
+    except (FileNotFoundError, ValueError) as e:
+        return None, str(e)
+    return (lambda: resolve_model("demo")), None
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'model':<22}{'fp32 ms':>9}{'int8 ms':>9}{'speedup':>9}{'fp32 MiB':>10}"
+            f"{'int8 MiB':>10}{'size x':>8}{'fp32 RSS+':>11}{'int8 RSS+':>11}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<22}{r['latency_ms']['fp32']['median_ms']:>9.1f}"
+              f"{r['latency_ms']['int8']['median_ms']:>9.1f}{r['latency_ratio']:>8.2f}x"
+              f"{r['size_mib']['fp32']:>10.1f}{r['size_mib']['int8']:>10.1f}{r['size_ratio']:>7.2f}x"
+              f"{r['peak_rss_increase_mib']['fp32']:>10.0f}M{r['peak_rss_increase_mib']['int8']:>10.0f}M")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=10.0, help="audio length per run")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per file (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ORT intra-op threads")
+    p.add_argument("--opt-level", default="ORT_ENABLE_ALL",
+                   choices=["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED",
+                            "ORT_ENABLE_ALL"])
+    p.add_argument("--shape", default="base", choices=["tiny", "base", "large"],
+                   help="shape of the random-weight model")
+    p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the .onnx files in --workdir")
+    p.add_argument("--workdir", default=None, help="where the .onnx files go (default: a temp dir)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+    import onnxruntime as ort
+    import torch
+
+    from recipes.atomic import write_json_atomic
+    from recipes.models import random_model
+
+    torch.set_num_threads(args.threads)
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not args.skip_demo:
+            make_demo, reason = demo_factory()
+            if make_demo is None:
+                notes.append(f"demo model skipped: {reason}")
+                print(notes[-1])
+            else:
+                rows.append(bench_model("demo", make_demo, args, workdir))
+        rows.append(bench_model(f"random-wav2vec2-{args.shape}",
+                                lambda: random_model(args.shape, seed=0), args, workdir))
+
+    print_table(rows)
+    target = rows[-1]
+    goals = {k: {"goal": v, "measured": round(target[k], 2), "met": target[k] >= v}
+             for k, v in GOALS.items()}
+    for k, g in goals.items():
+        print(f"{target['model']} {k}: {g['measured']:.2f} (goal >= {g['goal']}) "
+              f"{'met' if g['met'] else 'NOT met'}")
+    write_json_atomic(args.out, {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "onnxruntime": ort.__version__, "threads": args.threads, "opt_level": args.opt_level,
+        "runs": args.runs, "warmup": args.warmup, "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(), "results": rows, "goals": goals, "notes": notes,
+    })
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
