@@ -1,0 +1,228 @@
+"""AbsHistogram exactness/memory and the ModelOpt calibrator API, including inside mtq.quantize."""
+
+import numpy as np
+import pytest
+import torch
+
+from calibrators import (
+    AbsHistogram,
+    EntropyCalibrator,
+    MaxHistCalibrator,
+    MSECalibrator,
+    PercentileCalibrator,
+    StableQuantCalibrator,
+    stablequant_amax,
+)
+from test_search import _brute_force, _kept_sorted, _raw_mse
+
+ALL_CALIBRATORS = [
+    StableQuantCalibrator,
+    MaxHistCalibrator,
+    PercentileCalibrator,
+    MSECalibrator,
+    EntropyCalibrator,
+]
+
+
+# ---------------------------------------------------------------- AbsHistogram
+def test_counts_exact_past_float32_saturation():
+    """2**24 + 5 equal values land in one bin: float32 counts would stop at 2**24."""
+    n = (1 << 24) + 5
+    h = AbsHistogram()
+    h.add(torch.full((n,), -0.3))
+    assert h.total == n
+    assert int(h.counts.sum()) == n
+    assert int(h.counts.max()) == n
+    assert h.counts.dtype == torch.int64
+    # The trap avoided: one float32 histc over all of them cannot even represent the count.
+    assert float(torch.histc(torch.full((n,), 0.3), bins=4, min=0, max=1).max()) != n
+
+
+def test_range_doubling_matches_one_shot_numpy_histogram():
+    rng = np.random.default_rng(0)
+    batches = [
+        rng.normal(scale=0.01, size=5000),
+        rng.normal(scale=1.0, size=5000),
+        rng.laplace(scale=300.0, size=5000),
+        rng.normal(scale=0.5, size=5000),
+    ]
+    batches = [b.astype(np.float32) for b in batches]
+    h = AbsHistogram(256)
+    ranges = []
+    for b in batches:
+        h.add(torch.from_numpy(b))
+        ranges.append(h.range)
+    assert ranges[0] < ranges[1] < ranges[2] == ranges[3]  # it did grow, twice
+    # Values sitting exactly on edges of the final bins, and the exact range itself.
+    on_edges = (h.edges()[[0, 1, 17, 128, 255, 256]]).astype(np.float32)
+    h.add(torch.from_numpy(-on_edges))
+    all_abs = np.abs(np.concatenate(batches + [on_edges]).astype(np.float64))
+    expected, _ = np.histogram(all_abs, bins=h.edges())
+    np.testing.assert_array_equal(h.counts_numpy(), expected)
+    assert h.amax == all_abs.max()
+    assert h.total == all_abs.size
+
+
+def test_memory_bounded_over_many_collects():
+    h = AbsHistogram(512)
+    for k in range(60):
+        h.add(torch.randn(100) * 1.5**k)
+    assert h.counts.shape == (512,)
+    assert h.total == 6000
+
+
+def test_zeros_then_data_keeps_zeros_in_bin_zero():
+    h = AbsHistogram(8)
+    h.add(torch.zeros(5))
+    h.add(torch.tensor([3.0, -1.0]))
+    assert h.range == 4.0
+    assert h.counts.tolist() == [5, 0, 1, 0, 0, 0, 1, 0]
+
+
+def test_half_precision_and_state_roundtrip():
+    x = torch.randn(4000)
+    h16, h32 = AbsHistogram(), AbsHistogram()
+    h16.add(x.to(torch.bfloat16))
+    h32.add(x.to(torch.bfloat16).float())
+    assert torch.equal(h16.counts, h32.counts)
+    state = h16.to_state()
+    restored = AbsHistogram.from_state(state)
+    assert torch.equal(restored.counts, h16.counts)
+    assert (restored.range, restored.amax, restored.total) == (h16.range, h16.amax, h16.total)
+
+
+def test_num_bins_must_be_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        AbsHistogram(1000)
+
+
+# ---------------------------------------------------------------- calibrator API
+@pytest.mark.parametrize("cls", ALL_CALIBRATORS)
+def test_per_channel_rejected(cls):
+    with pytest.raises(ValueError, match=r"per-channel \(axis=0\).*not supported; use"):
+        cls(axis=0)
+
+
+@pytest.mark.parametrize("cls", ALL_CALIBRATORS)
+def test_compute_before_collect(cls):
+    with pytest.raises(RuntimeError, match="compute_amax called before collect"):
+        cls().compute_amax()
+
+
+@pytest.mark.parametrize("cls", ALL_CALIBRATORS)
+def test_few_non_empty_bins(cls):
+    cal = cls(num_bits=8)
+    cal.collect(torch.tensor([0.5, -0.5, 1.0, 0.0]))
+    amax = cal.compute_amax()
+    assert amax.dtype == torch.float32 and amax.ndim == 0
+    assert 0.0 < float(amax) <= 1.0
+
+
+def test_reset_forgets_everything():
+    cal = StableQuantCalibrator()
+    cal.collect(torch.randn(100))
+    cal.reset()
+    with pytest.raises(RuntimeError):
+        cal.compute_amax()
+
+
+def test_num_bits_set_after_construction_is_honoured():
+    """ModelOpt writes _num_bits on the calibrator after building it: 6 bits must be used."""
+    rng = np.random.default_rng(3)
+    x = rng.laplace(size=50_000).astype(np.float32)
+    cal = StableQuantCalibrator(num_bits=8, cutoff=0.1)
+    cal.collect(torch.from_numpy(x))
+    cal._num_bits = 6
+    ours = float(cal.compute_amax())
+    kept = _kept_sorted(x, 0.1)
+    best, best_err = _brute_force(kept, 6)
+    width = cal.histogram.edges()[1]
+    # Same acceptance as the search tests: within 2 bins or within 2 % of the optimal MSE.
+    assert abs(ours - best) <= 2 * width or _raw_mse(kept, ours, 6) <= 1.02 * best_err
+    cal._num_bits = 8
+    assert float(cal.compute_amax()) != ours
+    cal._num_bits = 1
+    with pytest.raises(ValueError, match="num_bits"):
+        cal.compute_amax()
+
+
+def test_compute_amax_arguments_and_grid():
+    cal = StableQuantCalibrator(num_bits=6, cutoff=0.2, mse=True)
+    x = torch.randn(20_000)
+    cal.collect(x)
+    h = cal.histogram
+    args = (h.counts_numpy(), h.edges(), h.amax)
+    assert float(cal.compute_amax()) == pytest.approx(stablequant_amax(*args, 0.2, 6))
+    assert float(cal.compute_amax(cutoff=0.0, mse=False)) == pytest.approx(h.amax)
+    grid = cal.amax_grid([0.0, 0.2, 0.5])
+    assert grid.dtype == torch.float32 and grid.shape == (3,)
+    assert float(grid[1]) == float(cal.compute_amax())
+    with pytest.raises(TypeError):
+        cal.compute_amax(method="mse")
+    with pytest.raises(ValueError, match="cutoff"):
+        StableQuantCalibrator(cutoff=60)
+
+
+# ---------------------------------------------------------------- inside ModelOpt
+def _quantize_linear(num_bits):
+    import modelopt.torch.quantization as mtq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    batches = [torch.randn(32, 16) * (1 + 3 * (i == 2)) for i in range(4)]  # one wide batch
+    cfg = {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {
+                "quantizer_name": "*input_quantizer",
+                "cfg": {
+                    "num_bits": num_bits,
+                    "axis": None,
+                    # ModelOpt sets the quantizer's _num_bits from this dict without telling a
+                    # calibrator built from a tuple, so the bit width goes in the tuple too.
+                    "calibrator": (StableQuantCalibrator, (), {"num_bits": num_bits, "cutoff": 0.1}),
+                },
+            },
+        ],
+        "algorithm": "max",
+    }
+
+    def forward_loop(m):
+        for b in batches:
+            m(b)
+
+    model = mtq.quantize(model, cfg, forward_loop)
+    data = torch.cat(batches)
+    return model[0].input_quantizer, data
+
+
+@pytest.mark.parametrize("num_bits", [8, 6])
+def test_mtq_quantize_uses_our_amax(num_bits):
+    quantizer, data = _quantize_linear(num_bits)
+    assert isinstance(quantizer._calibrator, StableQuantCalibrator)
+    expected = AbsHistogram()
+    for chunk in data.split(32):  # same batches, same order
+        expected.add(chunk)
+    want = stablequant_amax(expected.counts_numpy(), expected.edges(), expected.amax, 0.1, num_bits)
+    assert float(quantizer.amax) == pytest.approx(want, rel=1e-6)
+
+
+def test_tensor_quantizer_num_bits_setter_reaches_calibrator():
+    """TensorQuantizer.num_bits = 6 writes _num_bits on our calibrator after construction."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    cfg = QuantizerAttributeConfig(
+        num_bits=8, axis=None, calibrator=(StableQuantCalibrator, (), {"cutoff": 0.1})
+    )
+    tq = TensorQuantizer(cfg)
+    tq.num_bits = 6
+    x = torch.randn(4096) * torch.linspace(0.1, 4, 4096)
+    tq.disable_quant()
+    tq.enable_calib()
+    tq(x)
+    tq.load_calib_amax()
+    h = tq._calibrator.histogram
+    want = stablequant_amax(h.counts_numpy(), h.edges(), h.amax, 0.1, 6)
+    assert float(tq.amax) == pytest.approx(want, rel=1e-6)
+    assert want != stablequant_amax(h.counts_numpy(), h.edges(), h.amax, 0.1, 8)
