@@ -4,7 +4,13 @@ All of them share :class:`HistogramCalibratorBase` (collection, reset, validatio
 subclass only says which search function in :mod:`calibrators.search` turns the
 histogram into an amax.  ``num_bits``/``unsigned`` are read at compute time because
 ModelOpt's ``TensorQuantizer`` overwrites ``_num_bits``/``_unsigned`` on the calibrator
-after constructing it.
+after constructing it (its ``num_bits`` property setter).  Its config path does not: with
+``"calibrator": (StableQuantCalibrator, (), {...})`` put ``num_bits``/``unsigned`` in the
+kwargs as well, or the calibrator keeps its defaults.
+
+Unlike ModelOpt's calibrators (which return None), ``compute_amax`` before any ``collect``
+raises, so a quantizer that calibration data never reached fails loudly instead of being
+left without an amax.
 """
 
 from __future__ import annotations
@@ -57,7 +63,10 @@ class HistogramCalibratorBase(_Calibrator):
     def _checked_inputs(self):
         """(counts, edges, amax) after checking data exists and the bit width is valid."""
         if self._hist.total == 0:
-            raise RuntimeError(f"{type(self).__name__}: compute_amax called before collect")
+            raise RuntimeError(
+                f"{type(self).__name__}: compute_amax called before collect (no tensor reached "
+                "this quantizer: mtq.quantize without a forward_loop, or a layer the loop never runs)"
+            )
         search._check_bits(self._num_bits)
         return self._hist.counts_numpy(), self._hist.edges(), self._hist.amax
 
