@@ -226,3 +226,46 @@ def test_tensor_quantizer_num_bits_setter_reaches_calibrator():
     want = stablequant_amax(h.counts_numpy(), h.edges(), h.amax, 0.1, 6)
     assert float(tq.amax) == pytest.approx(want, rel=1e-6)
     assert want != stablequant_amax(h.counts_numpy(), h.edges(), h.amax, 0.1, 8)
+
+
+# ---------------------------------------------------------------- packaging
+def test_plugin_hook_registers_all_calibrators():
+    import pluggy
+
+    import calibrators.plugin
+
+    class Spec:
+        @pluggy.HookspecMarker("sq_plugin")
+        def sq_register_calibrators(self):
+            """Same signature as sq_plugin's hookspec."""
+
+    pm = pluggy.PluginManager("sq_plugin")
+    pm.add_hookspecs(Spec)
+    pm.register(calibrators.plugin)
+    (registered,) = pm.hook.sq_register_calibrators()
+    assert registered == {
+        "stablequant": StableQuantCalibrator,
+        "max": MaxHistCalibrator,
+        "percentile": PercentileCalibrator,
+        "mse": MSECalibrator,
+        "entropy": EntropyCalibrator,
+    }
+
+
+def test_package_does_not_import_sq_plugin_or_recipes():
+    """Static check of every module in the package (a subprocess import costs ~10 s here)."""
+    import ast
+    from pathlib import Path
+
+    import calibrators
+
+    for path in Path(calibrators.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in ("sq_plugin", "recipes"), (path.name, name)
