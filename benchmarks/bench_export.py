@@ -6,6 +6,8 @@ INT8 default config (max calibration) on a few random-audio batches: speed is me
 not accuracy. Both files of a model are timed in the same process with the same session
 options, warmed up, runs interleaved (so background load hits both alike), median reported.
 Peak memory is the RSS increase of a fresh child process that loads the file and runs it once.
+Sessions come from recipes.onnx_runner.make_session, as `stablequant eval --onnx` runs them
+(int8 convs lowered to ORT's integer GEMM in memory; the fp32 file is untouched).
 
     python benchmarks/bench_export.py [--runs 10] [--seconds 10] [--skip-demo]
 """
@@ -36,7 +38,10 @@ GOALS = {"latency_ratio": 2.5, "size_ratio": 3.8}  # for the base-shaped model
 # its own VmHWM instead, after resetting it (clear_refs 5) once the imports are done.
 _CHILD = r"""
 import json, sys
-import numpy as np, onnxruntime as ort
+import numpy as np
+sys.path.insert(0, sys.argv[5])
+from bench_export import session_options
+from recipes.onnx_runner import make_session
 
 def status_kib(field):
     for line in open("/proc/self/status"):
@@ -51,10 +56,7 @@ try:
 except OSError:
     pass
 before = status_kib("VmRSS")
-opts = ort.SessionOptions()
-opts.intra_op_num_threads = threads
-opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+sess = make_session(path, session_options=session_options(threads, level))
 sess.run(None, {"input_values": x})
 peak = status_kib("VmHWM")
 print(json.dumps({"rss_before_mib": before / 1024, "peak_increase_mib": (peak - before) / 1024}))
@@ -72,19 +74,19 @@ def session_options(threads: int, level: str):
 
 def peak_memory(path: Path, samples: int, threads: int, level: str) -> dict:
     """RSS increase of loading + one run, in a fresh interpreter so nothing else is counted."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(samples), str(threads), level],
-                         capture_output=True, text=True, check=True)
+    args = [str(path), str(samples), str(threads), level, str(Path(__file__).parent)]
+    out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def time_sessions(paths: dict[str, Path], samples: int, runs: int, warmup: int, threads: int,
                   level: str) -> dict[str, dict]:
     """Median/min latency per file; runs interleaved so both see the same machine load."""
-    import onnxruntime as ort
+    from recipes.onnx_runner import make_session
 
     x = np.random.default_rng(0).standard_normal((1, samples)).astype(np.float32)
-    sessions = {k: ort.InferenceSession(str(p), session_options(threads, level),
-                                        providers=["CPUExecutionProvider"])
+    sessions = {k: make_session(p, session_options=session_options(threads, level))
                 for k, p in paths.items()}
     for sess in sessions.values():
         for _ in range(warmup):

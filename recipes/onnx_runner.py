@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.export import read_metadata
+from recipes.export import constant_values, prune_unused, read_metadata
+
+MIN_IM2COL_DEPTH = 64  # Cin*kernel below this (the 1-channel waveform conv) gains nothing
 
 
 @dataclass
@@ -28,18 +30,149 @@ def _conv_output_length(lengths: torch.Tensor, kernels, strides) -> torch.Tensor
     return lengths
 
 
+# ----------------------------------------------------------------------------- ORT lowering
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _qdq_conv_parts(conv, producers, consts):
+    """(float input, x scale, int8 weight, w scale, bias) of a plain 1-D DQ->Conv, else None."""
+    attrs = _attrs(conv)
+    if attrs.get("group", 1) != 1 or any(attrs.get("pads", [0])) or \
+            any(d != 1 for d in attrs.get("dilations", [1])):
+        return None
+    x_dq, w_dq = producers.get(conv.input[0]), producers.get(conv.input[1])
+    if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or \
+            w_dq.op_type != "DequantizeLinear":
+        return None
+    x_q = producers.get(x_dq.input[0])
+    weight = consts.get(w_dq.input[0])
+    sx = consts.get(x_dq.input[1])
+    if x_q is None or x_q.op_type != "QuantizeLinear" or weight is None or weight.ndim != 3 or \
+            sx is None or sx.size != 1 or weight.dtype != np.int8:
+        return None
+    if weight.shape[1] * weight.shape[2] < MIN_IM2COL_DEPTH:
+        return None
+    bias = consts.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    return x_q.input[0], x_dq.input[1], weight, consts[w_dq.input[1]], bias
+
+
+def lower_qdq_conv_for_ort(proto) -> int:
+    """Rewrite each int8 DQ->Conv1d as uint8 im2col + MatMulIntegerToFloat, in memory.
+
+    ORT's CPU EP fuses Q/DQ around MatMul into an integer GEMM, but Conv only when the conv
+    output is quantized too (QLinearConv), which a faithful export of ModelOpt's fake-quant
+    never has; so the wav2vec2 CNN front end, ~35% of the work, would run in fp32. The integer
+    GEMM is only fast for uint8 activations (MLAS u8s8), so x is re-quantized with zero point
+    128, which is the same integer grid shifted. Exact: int32 accumulation, then scale as DQ.
+    The .onnx file itself stays plain Q/DQ (TensorRT reads it as is). Returns convs lowered.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consts = constant_values(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    new_nodes, new_inits, lowered = {}, [], 0
+    for conv in graph.node:
+        parts = _qdq_conv_parts(conv, producers, consts) if conv.op_type == "Conv" else None
+        if parts is None:
+            continue
+        x_float, sx_name, weight, sw, bias = parts
+        cout, cin, kernel = weight.shape
+        stride = _attrs(conv).get("strides", [1])[0]
+        p = f"{conv.name or conv.output[0]}/ort_int8"
+
+        def init(name, value):
+            new_inits.append(numpy_helper.from_array(np.asarray(value), f"{p}/{name}"))
+            return f"{p}/{name}"
+
+        zp_u8 = init("x_zero_point", np.array(128, dtype=np.uint8))
+        # rows of the im2col weight: kernel tap major, then input channel (matches the Concat)
+        w_cols = init("w_cols", np.ascontiguousarray(weight.transpose(2, 1, 0).reshape(kernel * cin, cout)))
+        sw_vec = init("w_scale", np.broadcast_to(np.asarray(sw, np.float32).reshape(-1), (cout,)).copy())
+        nodes = [helper.make_node("QuantizeLinear", [x_float, sx_name, zp_u8], [f"{p}/x_u8"]),
+                 helper.make_node("Transpose", [f"{p}/x_u8"], [f"{p}/x_t"], perm=[0, 2, 1])]
+        taps = []
+        for k in range(kernel):
+            starts, ends = init(f"start{k}", np.array([k])), init(f"end{k}", np.array([2**62]))
+            axes, steps = init(f"axes{k}", np.array([1])), init(f"step{k}", np.array([stride]))
+            nodes.append(helper.make_node("Slice", [f"{p}/x_t", starts, ends, axes, steps],
+                                          [f"{p}/tap{k}"]))
+            taps.append(f"{p}/tap{k}")
+        if kernel > 1:  # earlier taps are up to one frame longer: cut them to the last one's length
+            nodes.append(helper.make_node("Shape", [taps[-1]], [f"{p}/frames"], start=1, end=2))
+            zero, axis1 = init("zero", np.array([0])), init("axis1", np.array([1]))
+            for k in range(kernel - 1):
+                nodes.append(helper.make_node("Slice", [taps[k], zero, f"{p}/frames", axis1],
+                                              [f"{p}/tap{k}_cut"]))
+                taps[k] = f"{p}/tap{k}_cut"
+            nodes.append(helper.make_node("Concat", taps, [f"{p}/cols"], axis=2))
+            cols = f"{p}/cols"
+        else:
+            cols = taps[0]
+        mm_inputs = [cols, w_cols, sx_name, sw_vec, zp_u8, ""]
+        if bias is not None:
+            mm_inputs.append(init("bias", np.asarray(bias, np.float32)))
+        nodes += [helper.make_node("MatMulIntegerToFloat", mm_inputs, [f"{p}/y"], domain="com.microsoft"),
+                  helper.make_node("Transpose", [f"{p}/y"], [conv.output[0]], perm=[0, 2, 1])]
+        new_nodes[id(conv)] = nodes
+        lowered += 1
+    if not lowered:
+        return 0
+    rebuilt = []
+    for node in graph.node:
+        rebuilt.extend(new_nodes.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    graph.initializer.extend(new_inits)
+    _drop_dead_nodes(graph)
+    prune_unused(graph)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return lowered
+
+
+def _drop_dead_nodes(graph) -> None:
+    """Remove nodes whose outputs nobody reads (the replaced DQ pairs), repeatedly."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
+def make_session(path: str | Path, providers: list[str] | None = None, session_options=None,
+                 lower_conv: bool = True):
+    """ONNX Runtime session for an exported file; int8 convs lowered for the CPU EP (in memory)."""
+    import onnx
+    import onnxruntime as ort
+
+    providers = providers or ["CPUExecutionProvider"]
+    model = str(path)
+    if lower_conv and providers[0] == "CPUExecutionProvider":
+        proto = onnx.load(model)
+        if lower_qdq_conv_for_ort(proto):
+            model = proto.SerializeToString()
+        del proto  # not held while ORT builds the session (peak memory)
+    return ort.InferenceSession(model, sess_options=session_options, providers=providers)
+
+
 class OnnxCTCModel:
     """An exported CTC model in an ONNX Runtime session, plus its decoder facts from metadata."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None,
                  session_options=None):
-        import onnxruntime as ort
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
-        self.session = ort.InferenceSession(str(self.path), sess_options=session_options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.session = make_session(self.path, providers, session_options)
         self.meta = read_metadata(self.path)
         self._input_names = {i.name for i in self.session.get_inputs()}
 

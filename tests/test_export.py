@@ -16,7 +16,7 @@ import modelopt.torch.quantization as mtq
 from recipes import export
 from recipes.export import ExportError, build_trt_engine, export_onnx, quantize_like_ort, read_metadata
 from recipes.models import random_model, remove_weight_norm
-from recipes.onnx_runner import OnnxCTCModel, run_eval_onnx
+from recipes.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort, run_eval_onnx
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SR = 16000
@@ -93,6 +93,16 @@ def test_weights_are_int8_initialisers_feeding_dequantize(int8):
                    for name in inits)
 
 
+def test_linear_weights_feed_matmul_without_transpose(int8):
+    _, _, proto = int8
+    inits = {i.name for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    matmul_weights = [producers.get(n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"]
+    weight_dqs = [p for p in matmul_weights if p is not None and p.op_type == "DequantizeLinear"
+                  and p.input[0] in inits]
+    assert len(weight_dqs) == 2 * 6 + 1  # 6 Linear per layer x 2 layers + feature projection
+
+
 def test_scales_are_amax_over_127_and_zero_points_zero(int8):
     sm, _, proto = int8
     consts = export.constant_values(proto.graph)
@@ -106,8 +116,12 @@ def test_scales_are_amax_over_127_and_zero_points_zero(int8):
         np.testing.assert_allclose(scale, (amax / 127).reshape(scale.shape), rtol=1e-6)
         assert zero.dtype == np.int8 and not zero.any()
         if name.endswith("weight_quantizer"):
+            # Output-channel axis: 0 of a Conv weight [out, in, k], 1 of a MatMul weight [in, out]
+            # (nn.Linear's [out, in] is stored transposed, as MatMul consumes it).
             axis = next(a.i for a in n.attribute if a.name == "axis")
-            assert axis == 0 and scale.shape == (amax.size,) and amax.size > 1
+            ints = consts[n.input[0]]
+            assert axis == (0 if ints.ndim == 3 else 1)
+            assert scale.shape == (amax.size,) == (ints.shape[axis],) and amax.size > 1
         else:
             assert scale.shape == () and not any(a.name == "axis" for a in n.attribute)
         seen.add(name)
@@ -126,8 +140,10 @@ def test_int8_weights_reproduce_torch_fake_quant(int8):
         layer = modules[name.removesuffix(".weight_quantizer")]
         with torch.no_grad():
             fake = layer.weight_quantizer(layer.weight).numpy()
+        ints = consts[n.input[0]]
+        ints = ints.T if ints.ndim == 2 else ints  # MatMul layout [in, out] -> nn.Linear [out, in]
         scale = consts[n.input[1]].reshape((-1,) + (1,) * (fake.ndim - 1))
-        np.testing.assert_allclose(consts[n.input[0]] * scale, fake, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ints * scale, fake, rtol=1e-5, atol=1e-7)
 
 
 def test_opset_checker_and_metadata(int8):
@@ -187,6 +203,51 @@ def assert_close_to_torch(sm, path, shapes):
 def test_ort_matches_torch_fake_quant_on_dynamic_shapes(int8):
     sm, path, _ = int8
     assert_close_to_torch(sm, path, [(1, 8000), (3, 21_337)])
+
+
+def test_ort_conv_lowering_is_the_exact_integer_conv():
+    """uint8 im2col + MatMulIntegerToFloat == sum_k (w_k * sw) @ (q(x)_k * sx), to float rounding."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    cout, cin, kernel, stride = 8, 32, 3, 2
+    w = rng.integers(-127, 128, (cout, cin, kernel)).astype(np.int8)
+    sw, sx = rng.uniform(0.01, 0.02, cout).astype(np.float32), np.float32(0.05)
+    bias = rng.normal(size=cout).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+         helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
+         helper.make_node("Conv", ["xd", "wd", "b"], ["y"], strides=[stride], name="conv")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cin, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(sw, "sw"),
+         numpy_helper.from_array(np.zeros(cout, np.int8), "zw"),
+         numpy_helper.from_array(np.array(sx), "sx"), numpy_helper.from_array(np.array(0, np.int8), "zx"),
+         numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert lower_qdq_conv_for_ort(model) == 1
+    assert not any(n.op_type == "Conv" for n in model.graph.node)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for length in (41, 42):  # both parities of (L - kernel) / stride
+        x = rng.standard_normal((2, cin, length)).astype(np.float32)
+        y = sess.run(None, {"x": x})[0]
+        xq = np.clip(np.rint(x / sx), -128, 127) * np.float64(sx)
+        frames = (length - kernel) // stride + 1
+        ref = sum(np.einsum("oc,bct->bot", w[:, :, k] * sw[:, None].astype(np.float64),
+                            xq[:, :, k::stride][:, :, :frames]) for k in range(kernel))
+        ref += bias[None, :, None]
+        assert y.shape == (2, cout, frames)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_runner_lowers_the_cnn_front_end(int8):
+    _, path, proto = int8
+    proto = copy.deepcopy(proto)
+    # 6 of the 7 CNN convs: the 1-channel waveform conv is too shallow to gain, and the grouped,
+    # padded positional conv is left to ORT's fp32 kernel.
+    assert lower_qdq_conv_for_ort(proto) == 6
 
 
 # ----------------------------------------------------------------------------- W6 container
