@@ -64,7 +64,9 @@ def bench_search(repeats: int) -> dict:
     theirs.collect(t)  # one collect: ModelOpt's MSE crashes on histograms grown by later batches
     med = _interleaved_medians(
         {
-            "ours_grid_51_cutoffs_mse": lambda: stablequant_amax_grid(counts, edges, amax, CUTOFFS, 8),
+            "ours_grid_51_cutoffs_mse": lambda: stablequant_amax_grid(
+                counts, edges, amax, CUTOFFS, 8
+            ),
             "modelopt_mse_one_call": lambda: theirs.compute_amax("mse"),
         },
         repeats,
@@ -79,14 +81,16 @@ def bench_collect(repeats: int) -> dict:
 
     x = torch.randn(2, 512, 3199) * 3
     ours, theirs = StableQuantCalibrator(), MaxCalibrator()
-    med = _interleaved_medians({"modelopt_max": lambda: theirs.collect(x), "stablequant": lambda: ours.collect(x)}, repeats)
+    med = _interleaved_medians(
+        {"modelopt_max": lambda: theirs.collect(x), "stablequant": lambda: ours.collect(x)}, repeats
+    )
     med["ratio"] = med["stablequant"] / med["modelopt_max"]
     med["numel"] = x.numel()
     return med
 
 
 def _tiny_wav2vec2(num_layers: int) -> torch.nn.Module:
-    """wav2vec2-base conv extractor (512 channels, 7 layers) + ``num_layers`` 768-d transformer layers."""
+    """wav2vec2-base conv extractor (512 ch, 7 layers) + ``num_layers`` 768-d transformer layers."""
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     cfg = Wav2Vec2Config(num_hidden_layers=num_layers, vocab_size=32)
@@ -172,13 +176,38 @@ def bench_calibration_pass(repeats: int, seconds: float, num_layers: int) -> dic
     return med
 
 
+def _print_table(search: dict, collect: dict, calib: dict) -> None:
+    ms = lambda seconds: f"{seconds * 1e3:10.1f} ms"  # noqa: E731
+    ratio = lambda r, note="": f"{r:10.2f} x  {note}"  # noqa: E731
+    n_q = calib["quantizers_collecting"]
+    rows = [
+        ("ours: stablequant_amax_grid, 51 cut-offs x MSE, 2048 bins",
+         ms(search["ours_grid_51_cutoffs_mse"])),
+        ("ModelOpt: HistogramCalibrator.compute_amax('mse'), 1 call",
+         ms(search["modelopt_mse_one_call"])),
+        ("  speed-up (ModelOpt one call / our 51)", ratio(search["speedup"], "(target > 1)")),
+        ("collect() alone, 2x512x3199 activation, MaxCalibrator", ms(collect["modelopt_max"])),
+        ("collect() alone, 2x512x3199 activation, StableQuant", ms(collect["stablequant"])),
+        ("  ratio (calibrator alone, no model)", ratio(collect["ratio"])),
+        ("calibration pass, plain forward (no quantizers)", ms(calib["plain_forward"])),
+        ("calibration pass, ModelOpt MaxCalibrator", ms(calib["modelopt_max"])),
+        ("calibration pass, StableQuant histograms", ms(calib["stablequant_hist"])),
+        ("  ratio StableQuant / Max", ratio(calib["ratio_stablequant_vs_max"], "(target <= 1.5)")),
+        (f"grid search after the pass, {n_q} quantizers x 51 cut-offs",
+         ms(calib["stablequant_grid_all_quantizers_s"])),
+    ]
+    print(f"{'measurement (median)':60s} {'value':>13s}")
+    for label, value in rows:
+        print(f"{label:60s} {value}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=4.0, help="audio per batch item (LibriSpeech dev utterances average ~7 s)")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="audio per item (LibriSpeech ~7 s)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     ap.add_argument("--layers", type=int, default=2, help="transformer layers")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_calibrators.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_calibrators.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,18 +216,7 @@ def main() -> None:
     collect = bench_collect(args.repeats * 3)
     calib = bench_calibration_pass(args.repeats, args.seconds, args.layers)
 
-    print(f"{'measurement':58s} {'median':>12s}")
-    print(f"{'ours: stablequant_amax_grid, 51 cut-offs x MSE, 2048 bins':58s} {search['ours_grid_51_cutoffs_mse'] * 1e3:10.1f}ms")
-    print(f"{'ModelOpt: HistogramCalibrator.compute_amax(mse), 1 call':58s} {search['modelopt_mse_one_call'] * 1e3:10.1f}ms")
-    print(f"{'  speed-up (ModelOpt one call / our 51)':58s} {search['speedup']:11.1f}x  (target > 1)")
-    print(f"{'collect() only, one 2x512x3199 activation, MaxCalibrator':58s} {collect['modelopt_max'] * 1e3:10.1f}ms")
-    print(f"{'collect() only, one 2x512x3199 activation, StableQuant':58s} {collect['stablequant'] * 1e3:10.1f}ms")
-    print(f"{'  ratio (calibrator alone, no model)':58s} {collect['ratio']:11.2f}x")
-    print(f"{'calibration pass, plain forward (no quantizers)':58s} {calib['plain_forward'] * 1e3:10.1f}ms")
-    print(f"{'calibration pass, ModelOpt MaxCalibrator':58s} {calib['modelopt_max'] * 1e3:10.1f}ms")
-    print(f"{'calibration pass, StableQuant histograms':58s} {calib['stablequant_hist'] * 1e3:10.1f}ms")
-    print(f"{'  ratio StableQuant / Max':58s} {calib['ratio_stablequant_vs_max']:11.2f}x  (target <= 1.5)")
-    print(f"{'grid search, all ' + str(calib['quantizers_collecting']) + ' quantizers x 51 cut-offs':58s} {calib['stablequant_grid_all_quantizers_s'] * 1e3:10.1f}ms")
+    _print_table(search, collect, calib)
 
     result = {
         "search": search,

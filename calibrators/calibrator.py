@@ -51,7 +51,7 @@ class HistogramCalibratorBase(_Calibrator):
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
-        """Add |x| to the histogram (meta tensors, used by ModelOpt for shape tracing, are ignored)."""
+        """Add |x| to the histogram (ModelOpt's meta-device shape tracing tensors are ignored)."""
         if x.device.type == "meta":
             return
         self._hist.add(x)

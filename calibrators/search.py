@@ -43,7 +43,9 @@ def _check_hist(counts, edges) -> tuple[np.ndarray, np.ndarray, int]:
     if counts.ndim != 1 or counts.size == 0:
         raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
     if edges.shape != (counts.size + 1,):
-        raise ValueError(f"edges must have len(counts) + 1 = {counts.size + 1} entries, got {edges.shape}")
+        raise ValueError(
+            f"edges must have len(counts) + 1 = {counts.size + 1} entries, got {edges.shape}"
+        )
     if counts.min() < 0:
         raise ValueError(f"counts must be non-negative, found {counts.min()}")
     counts = counts.astype(np.int64, copy=False)
@@ -58,7 +60,8 @@ def _is_all_zero(edges: np.ndarray, amax: float) -> bool:
 
 
 def _check_bits(num_bits) -> None:
-    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)) or not 2 <= num_bits <= 16:
+    is_int = isinstance(num_bits, (int, np.integer)) and not isinstance(num_bits, bool)
+    if not is_int or not 2 <= num_bits <= 16:
         raise ValueError(f"num_bits must be an integer in [2, 16], got {num_bits!r}")
 
 
@@ -114,7 +117,9 @@ def percentile_amax(counts, edges, amax: float, percentile: float) -> float:
     return _clipped_value(edges, amax, clip_index(counts, 100.0 - float(percentile)))
 
 
-def _mse_best_candidates(counts: np.ndarray, centers: np.ndarray, last_kept: np.ndarray, qmax: int) -> np.ndarray:
+def _mse_best_candidates(
+    counts: np.ndarray, centers: np.ndarray, last_kept: np.ndarray, qmax: int
+) -> np.ndarray:
     """For each k in ``last_kept``: argmin over candidates i <= k of
     sum_{j <= k} counts_j * (c_j - Q_i(c_j))**2, Q_i the symmetric fake-quant with amax c_i.
 
@@ -145,7 +150,13 @@ def _mse_best_candidates(counts: np.ndarray, centers: np.ndarray, last_kept: np.
 
 
 def stablequant_amax_grid(
-    counts, edges, amax: float, cutoffs: Sequence[float], num_bits: int, unsigned: bool = False, mse: bool = True
+    counts,
+    edges,
+    amax: float,
+    cutoffs: Sequence[float],
+    num_bits: int,
+    unsigned: bool = False,
+    mse: bool = True,
 ) -> np.ndarray:
     """StableQuant amax (Algorithm 2) for every cut-off in ``cutoffs`` from one histogram.
 
@@ -168,7 +179,13 @@ def stablequant_amax_grid(
 
 
 def stablequant_amax(
-    counts, edges, amax: float, cutoff: float, num_bits: int, unsigned: bool = False, mse: bool = True
+    counts,
+    edges,
+    amax: float,
+    cutoff: float,
+    num_bits: int,
+    unsigned: bool = False,
+    mse: bool = True,
 ) -> float:
     """StableQuant amax for one cut-off (same core as :func:`stablequant_amax_grid`)."""
     return float(stablequant_amax_grid(counts, edges, amax, [cutoff], num_bits, unsigned, mse)[0])

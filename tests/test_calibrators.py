@@ -180,7 +180,11 @@ def _quantize_linear(num_bits):
                     "axis": None,
                     # ModelOpt sets the quantizer's _num_bits from this dict without telling a
                     # calibrator built from a tuple, so the bit width goes in the tuple too.
-                    "calibrator": (StableQuantCalibrator, (), {"num_bits": num_bits, "cutoff": 0.1}),
+                    "calibrator": (
+                        StableQuantCalibrator,
+                        (),
+                        {"num_bits": num_bits, "cutoff": 0.1},
+                    ),
                 },
             },
         ],
