@@ -3,7 +3,9 @@
 The ONNX file is what ONNX Runtime and TensorRT consume: symmetric int8 QuantizeLinear /
 DequantizeLinear (zero point 0), per-channel weight scales on the output-channel axis, per-tensor
 activation scales, and weights stored as int8 initialisers feeding DequantizeLinear so the file
-is ~4x smaller than fp32. Quantizers narrower than 8 bits (W6/W4) are stored in the int8
+is ~4x smaller than fp32 (nn.Linear weights are stored transposed, [in, out] with the scale on
+axis 1, the layout MatMul consumes, so no runtime has to transpose int8 weights at load time).
+Quantizers narrower than 8 bits (W6/W4) are stored in the int8
 container: scale amax/31 or amax/7 and values clipped to the narrow range, which reproduces the
 fake-quant numerics exactly; the file's metadata says so.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from torch import nn
 from torch.onnx import symbolic_helper
 
@@ -397,7 +399,8 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
 
     Input ``input_values`` [batch, samples] (already normalised if the model expects it), output
     ``logits`` [batch, frames, vocab]; both batch and length are dynamic. ``bits_note`` is extra
-    free text stored with the int8-container note. The file appears atomically or not at all.
+    free text stored with the int8-container note; ``metadata`` adds string key/values to the
+    file's metadata_props. The file appears atomically or not at all.
     Returns a summary dict (path, precision, quantizer count, int8 weights, bits, size).
     """
     from recipes.models import remove_weight_norm
@@ -405,8 +408,8 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} < {MIN_OPSET}: per-channel int8 Q/DQ needs opset >= 13 "
                           f"and LayerNormalization >= 17")
-    speech = model if hasattr(model, "model") and isinstance(model.model, nn.Module) else None
-    net = speech.model if speech is not None else model
+    speech = None if isinstance(model, nn.Module) else model  # a SpeechModel: has decoder facts
+    net = model if speech is None else getattr(speech, "model", None)
     if not isinstance(net, nn.Module):
         raise TypeError(f"expected an nn.Module or SpeechModel, got {type(model).__name__}")
 
