@@ -4,17 +4,18 @@ Why not ModelOpt's ``HistogramCalibrator``: it accumulates in float32 (``torch.h
 saturates at 2**24 per bin), grows its bin count without bound, and re-bins on
 non-aligned edges.  Here:
 
-* bins are uniform on ``[0, range]`` and ``range`` is always a power of two, so the bin
-  width is a power of two, the index ``|x| * num_bins / range`` is computed without
-  rounding error and every edge is exactly representable (binning agrees with
-  ``numpy.histogram`` on ``edges()`` bit for bit);
+* bins are uniform on ``[0, range]`` and ``range`` is the smallest power of two strictly
+  above every |x| seen, so the bin width is a power of two, the index
+  ``|x| * num_bins / range`` is computed without rounding error, every edge is exactly
+  representable and every bin is half-open ``[k w, (k+1) w)`` (binning agrees with
+  ``numpy.histogram`` on ``edges()`` bit for bit, before and after the range grows);
 * counts are int64 from ``torch.bincount`` (never float ``histc``, whose float32 counts stop
   at 2**24; bincount is also ~3x faster than histc on CPU);
-* when a value exceeds ``range`` the range doubles and adjacent bin pairs merge, which is
+* when a value reaches ``range`` the range doubles and adjacent bin pairs merge, which is
   exact because old edges are a subset of the new ones; memory stays ``num_bins`` int64.
 
 Cost of the power-of-two range: the data's max lies in the upper half of the range, so
-at least ``num_bins / 2`` bins cover the data.
+at least ``num_bins / 2`` bins cover the data (the first batch's max sets the range).
 
 All-zero data: ``amax`` is 0 and ``range`` stays 0 (every count in bin 0) until a non-zero
 value arrives; the search functions return 0.0 for such a histogram.
@@ -32,12 +33,29 @@ __all__ = ["AbsHistogram"]
 # Ranges outside [2**-_SAFE_EXP, 2**_SAFE_EXP] are binned in float64 so that
 # the power-of-two scale num_bins / range stays inside float32's exponent range.
 _SAFE_EXP = 100
+# CPU data is binned in blocks of this many elements: each op then runs inline on one
+# thread (torch's parallel grain size is 32768) over cache-resident scratch buffers, which
+# is ~4x cheaper than whole-tensor passes and never waits for a busy second core.
+_CPU_BLOCK = 1 << 15
 
 
-def _pow2_ceil(value: float) -> float:
-    """Smallest power of two >= value (> 0)."""
-    mantissa, exponent = math.frexp(value)
-    return value if mantissa == 0.5 else math.ldexp(1.0, exponent)
+def _pow2_above(value: float) -> float:
+    """Smallest power of two strictly greater than value (> 0)."""
+    return math.ldexp(1.0, math.frexp(value)[1])
+
+
+def _grown(counts: torch.Tensor, rng: float, value: float) -> tuple[torch.Tensor, float]:
+    """(counts, range) after doubling the range, merging bin pairs, until value < range."""
+    if value < rng or value == 0.0:
+        return counts, rng
+    if rng == 0.0:  # first non-zero data: zeros seen so far already sit in bin 0
+        return counts, _pow2_above(value)
+    half = counts.numel() // 2
+    while rng <= value:
+        merged = counts.view(half, 2).sum(dim=1)
+        counts = torch.cat([merged, torch.zeros_like(merged)])
+        rng *= 2.0
+    return counts, rng
 
 
 class AbsHistogram:
@@ -58,32 +76,40 @@ class AbsHistogram:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        """Accumulate |x| (any shape, any floating dtype, any device)."""
+        """Accumulate |x| (any shape, any floating dtype, any device).
+
+        All or nothing: on a NaN/Inf the histogram is left as it was.
+        """
         if x.numel() == 0:
             raise ValueError(f"cannot add an empty tensor (numel=0, shape={tuple(x.shape)})")
-        x = x.detach()
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()  # fp16/bf16/int: float32 holds them exactly
-        absx = x.abs().reshape(-1)
-        batch_amax = absx.max().item()
-        if not math.isfinite(batch_amax):
-            self._raise_non_finite(x)
-        if self.counts.device != absx.device and self.total == 0:
-            self.counts = self.counts.to(absx.device)
-        self._grow_to(batch_amax)
-        self.amax = max(self.amax, batch_amax)
-        self.total += absx.numel()
-        if self.range == 0.0:  # all zeros so far: everything is in bin 0
-            self.counts[0] += absx.numel()
-            return
-        if not 2.0**-_SAFE_EXP <= self.range <= 2.0**_SAFE_EXP:
-            absx = absx.double()  # keep the power-of-two scale inside the exponent range
-        # |x| * (num_bins / range) is exact (power-of-two scale); int32 truncation is floor.
-        # Values equal to the range land in the extra bin num_bins and fold into the last.
-        index = absx.mul_(self.num_bins / self.range).to(torch.int32)
-        hist = torch.bincount(index, minlength=self.num_bins + 1).to(self.counts.device)
-        hist[self.num_bins - 1] += hist[self.num_bins]
-        self.counts += hist[: self.num_bins]
+        flat = x.detach().reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # fp16/bf16/int: float32 holds them exactly
+        if self.total == 0:
+            self.counts = self.counts.to(flat.device)
+        block = _CPU_BLOCK if flat.device.type == "cpu" else flat.numel()
+        abs_buf = torch.empty(min(block, flat.numel()), dtype=flat.dtype, device=flat.device)
+        idx_buf = torch.empty(abs_buf.shape, dtype=torch.int32, device=flat.device)
+        counts, rng, amax = self.counts.clone(), self.range, self.amax
+        for start in range(0, flat.numel(), block):
+            part = flat[start : start + block]
+            absx = torch.abs(part, out=abs_buf[: part.numel()])
+            batch_amax = absx.max().item()
+            if not math.isfinite(batch_amax):
+                self._raise_non_finite(x)
+            amax = max(amax, batch_amax)
+            counts, rng = _grown(counts, rng, batch_amax)
+            if rng == 0.0:  # all zeros so far: everything is in bin 0
+                counts[0] += part.numel()
+                continue
+            if not 2.0**-_SAFE_EXP <= rng <= 2.0**_SAFE_EXP:
+                absx = absx.double()  # keep the power-of-two scale inside the exponent range
+            # |x| * (num_bins / range) is exact and < num_bins; int32 truncation is floor.
+            index = idx_buf[: part.numel()]
+            index.copy_(absx.mul_(self.num_bins / rng))
+            counts += torch.bincount(index, minlength=self.num_bins).to(counts.device)
+        self.counts, self.range, self.amax = counts, rng, amax
+        self.total += flat.numel()
 
     def _raise_non_finite(self, x: torch.Tensor) -> None:
         bad = ~torch.isfinite(x)
@@ -92,19 +118,6 @@ class AbsHistogram:
             f"tensor contains {int(bad.sum())} non-finite value(s) (NaN/Inf) out of "
             f"{x.numel()}, e.g. {offending}; calibration data must be finite"
         )
-
-    def _grow_to(self, value: float) -> None:
-        """Double the range (merging bin pairs) until it covers ``value``."""
-        if value <= self.range:
-            return
-        if self.range == 0.0:  # first non-zero data: zeros already sit in bin 0
-            self.range = _pow2_ceil(value)
-            return
-        half = self.num_bins // 2
-        while self.range < value:
-            merged = self.counts.view(half, 2).sum(dim=1)
-            self.counts = torch.cat([merged, torch.zeros_like(merged)])
-            self.range *= 2.0
 
     def edges(self) -> np.ndarray:
         """Bin edges, float64, exact (``range`` is a power of two)."""

@@ -46,13 +46,16 @@ def test_range_doubling_matches_one_shot_numpy_histogram():
         rng.laplace(scale=300.0, size=5000),
         rng.normal(scale=0.5, size=5000),
     ]
+    batches[0][0] = 0.25  # a power of two as the first max: must not sit on the range edge
+    # One tensor spanning several CPU blocks whose later blocks grow the range mid-tensor.
+    batches.append(rng.normal(size=100_000) * np.linspace(0.1, 3000.0, 100_000))
     batches = [b.astype(np.float32) for b in batches]
     h = AbsHistogram(256)
     ranges = []
     for b in batches:
         h.add(torch.from_numpy(b))
         ranges.append(h.range)
-    assert ranges[0] < ranges[1] < ranges[2] == ranges[3]  # it did grow, twice
+    assert ranges[0] == 0.5 and ranges[0] < ranges[1] < ranges[2] == ranges[3] < ranges[4]
     # Values sitting exactly on edges of the final bins, and the exact range itself.
     on_edges = (h.edges()[[0, 1, 17, 128, 255, 256]]).astype(np.float32)
     h.add(torch.from_numpy(-on_edges))
@@ -61,6 +64,27 @@ def test_range_doubling_matches_one_shot_numpy_histogram():
     np.testing.assert_array_equal(h.counts_numpy(), expected)
     assert h.amax == all_abs.max()
     assert h.total == all_abs.size
+
+
+def test_power_of_two_max_then_growth_matches_numpy():
+    """0.25 must not sit on the range edge: after the range grows it belongs to bin 2 of 8."""
+    h = AbsHistogram(8)
+    h.add(torch.tensor([0.25, -0.1]))
+    h.add(torch.tensor([0.9]))
+    expected, _ = np.histogram([0.25, 0.1, 0.9], bins=h.edges())
+    assert h.range == 1.0
+    np.testing.assert_array_equal(h.counts_numpy(), expected)
+
+
+def test_failed_add_leaves_histogram_unchanged():
+    h = AbsHistogram(64)
+    h.add(torch.tensor([0.5, 1.5]))
+    before = h.to_state()
+    bad = torch.cat([torch.linspace(0, 1000, 70_000), torch.tensor([float("nan")])])
+    with pytest.raises(ValueError, match="1 non-finite"):
+        h.add(bad)  # the first blocks are fine and would grow the range
+    after = h.to_state()
+    assert torch.equal(before.pop("counts"), after.pop("counts")) and before == after
 
 
 def test_memory_bounded_over_many_collects():
