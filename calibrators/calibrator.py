@@ -71,8 +71,11 @@ class HistogramCalibratorBase(_Calibrator):
         return self._hist.counts_numpy(), self._hist.edges(), self._hist.amax
 
     def compute_amax(self) -> torch.Tensor:
-        """Amax as a float32 scalar tensor."""
-        return torch.tensor(self._search(*self._checked_inputs()), dtype=torch.float32)
+        """Amax as a float32 scalar tensor on the device the data was collected on."""
+        return self._as_tensor(self._search(*self._checked_inputs()))
+
+    def _as_tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self._hist.counts.device)
 
     def _search(self, counts, edges, amax) -> float:
         raise NotImplementedError
@@ -102,7 +105,7 @@ class StableQuantCalibrator(HistogramCalibratorBase):
         values = search.stablequant_amax_grid(
             counts, edges, amax, cutoffs, self._num_bits, self._unsigned, mse
         )
-        return torch.tensor(values, dtype=torch.float32)
+        return self._as_tensor(values)
 
 
 class MaxHistCalibrator(HistogramCalibratorBase):
