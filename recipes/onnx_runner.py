@@ -174,7 +174,6 @@ class OnnxCTCModel:
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         self.session = make_session(self.path, providers, session_options)
         self.meta = read_metadata(self.path)
-        self._input_names = {i.name for i in self.session.get_inputs()}
 
     def logits(self, input_values: np.ndarray) -> np.ndarray:
         """[batch, samples] float32 (normalised as the model expects) -> [batch, frames, vocab]."""
@@ -187,7 +186,7 @@ class OnnxCTCModel:
 
     def __call__(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None):
         x = input_values.detach().cpu().numpy()
-        if attention_mask is None or "attention_mask" in self._input_names:
+        if attention_mask is None:  # (the export has no mask input)
             return _Output(torch.from_numpy(self.logits(x)))
         # Models trained with a mask must not see padding: run each utterance at its own length
         # and pad the logits back to the batch's frame count.
