@@ -1,9 +1,9 @@
 """fp32 ONNX vs int8 Q/DQ ONNX in ONNX Runtime (CPU EP): latency, file size, peak memory.
 
-Models: (a) the demo model, if present, and (b) a random-weight wav2vec2-base-shaped model
-(hidden 768, 12 layers, conv 512) on 10 s of audio. Activations are calibrated with ModelOpt's
-INT8 default config (max calibration) on a few random-audio batches: speed is measured here,
-not accuracy. Both files of a model are timed in the same process with the same session
+Models: (a) the demo model, if present (calibrated on its calib split; WER of both files on
+its test split as a sanity check), and (b) a random-weight wav2vec2-base-shaped model (hidden
+768, 12 layers, conv 512) on 10 s of audio, calibrated with ModelOpt's INT8 default config (max
+calibration) on a few random-audio batches: speed is measured there, not accuracy. Both files of a model are timed in the same process with the same session
 options, warmed up, runs interleaved (so background load hits both alike), median reported.
 Peak memory is the RSS increase of a fresh child process that loads the file and runs it once.
 Sessions come from recipes.onnx_runner.make_session, as `stablequant eval --onnx` runs them
@@ -101,16 +101,22 @@ def time_sessions(paths: dict[str, Path], samples: int, runs: int, warmup: int, 
             for k, t in times.items()}
 
 
-def quantize_int8(sm, samples: int, batches: int = 3):
-    """ModelOpt INT8 default config, max calibration on random audio (speed, not accuracy)."""
+def random_calibration(samples: int, batches: int = 3) -> list:
+    """A few seeded random-audio batches: enough for max calibration when speed is the point."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(1, samples, generator=gen) for _ in range(batches)]
+
+
+def quantize_int8(sm, calib: list):
+    """ModelOpt INT8 default config with max calibration over `calib` input tensors."""
     import torch
 
     import modelopt.torch.quantization as mtq
     from recipes.models import remove_weight_norm
 
     remove_weight_norm(sm.model)
-    gen = torch.Generator().manual_seed(0)
-    calib = [torch.randn(1, samples, generator=gen) for _ in range(batches)]
 
     def forward_loop(model):
         with torch.no_grad():
@@ -121,20 +127,21 @@ def quantize_int8(sm, samples: int, batches: int = 3):
     return sm
 
 
-def export_pair(make_model, workdir: Path, tag: str, samples: int) -> dict[str, Path]:
+def export_pair(make_model, calib: list, workdir: Path, tag: str) -> dict[str, Path]:
     """fp32 and int8 Q/DQ exports of the same weights."""
     from recipes.export import export_onnx
 
     paths = {"fp32": workdir / f"{tag}_fp32.onnx", "int8": workdir / f"{tag}_int8.onnx"}
     export_onnx(make_model(), paths["fp32"], allow_fp32=True)
-    export_onnx(quantize_int8(make_model(), samples), paths["int8"])
+    export_onnx(quantize_int8(make_model(), calib), paths["int8"])
     return paths
 
 
-def bench_model(tag: str, make_model, args, workdir: Path) -> dict:
+def bench_model(tag: str, make_model, calib: list, args, workdir: Path, wer_data=None) -> dict:
+    """Export both precisions, then time, size and memory them (and WER if given data)."""
     samples = int(args.seconds * 16000)
     t0 = time.perf_counter()
-    paths = export_pair(make_model, workdir, tag, samples)
+    paths = export_pair(make_model, calib, workdir, tag)
     export_s = time.perf_counter() - t0
     latency = time_sessions(paths, samples, args.runs, args.warmup, args.threads, args.opt_level)
     memory = {k: peak_memory(p, samples, args.threads, args.opt_level) for k, p in paths.items()}
@@ -149,21 +156,36 @@ def bench_model(tag: str, make_model, args, workdir: Path) -> dict:
         "latency_ratio_of_min": latency["fp32"]["min_ms"] / latency["int8"]["min_ms"],
         "memory_ratio": memory["fp32"]["peak_increase_mib"] / memory["int8"]["peak_increase_mib"],
     }
+    if wer_data is not None:
+        from recipes.onnx_runner import run_eval_onnx
+
+        row["wer"] = {k: run_eval_onnx(p, wer_data, progress=False, print_table=False)["wer"]
+                      for k, p in paths.items()}
     if not args.keep:
         for p in paths.values():
             p.unlink()
     return row
 
 
-def demo_factory():
-    """The demo model loader, or None (with the reason) when it is not there yet."""
+def demo_inputs(model: str, limit: int):
+    """(model factory, calibration tensors, test batches) of a real model, or the reason it is absent.
+
+    Real audio matters here: the WER columns compare the two files on the model's own task.
+    """
+    from recipes.data import make_batches, open_dataset
     from recipes.models import resolve_model
 
     try:
-        resolve_model("demo")
+        sm = resolve_model(model)
+        if model != "demo":
+            raise FileNotFoundError("only the demo model ships calibration and test data")
+        from recipes.demo import demo_data
+
+        calib = make_batches(open_dataset(demo_data("calib")), sm, batch_seconds=16, limit=limit)
+        test = make_batches(open_dataset(demo_data("test")), sm, batch_seconds=32, limit=limit)
     except (FileNotFoundError, ValueError) as e:
         return None, str(e)
-    return (lambda: resolve_model("demo")), None
+    return ((lambda: resolve_model(model)), [b.input_values for b in calib], test), None
 
 
 def print_table(rows: list[dict]) -> None:
@@ -176,7 +198,9 @@ def print_table(rows: list[dict]) -> None:
               f"{r['latency_ms']['int8']['median_ms']:>9.1f}{r['latency_ratio']:>8.2f}x"
               f"{r['latency_ratio_of_min']:>6.2f}x"
               f"{r['size_mib']['fp32']:>10.1f}{r['size_mib']['int8']:>10.1f}{r['size_ratio']:>7.2f}x"
-              f"{r['peak_rss_increase_mib']['fp32']:>10.0f}M{r['peak_rss_increase_mib']['int8']:>10.0f}M")
+              f"{r['peak_rss_increase_mib']['fp32']:>10.0f}M{r['peak_rss_increase_mib']['int8']:>10.0f}M"
+              + (f"   WER fp32 {r['wer']['fp32']:.2f} % / int8 {r['wer']['int8']:.2f} %"
+                 if "wer" in r else ""))
 
 
 def main(argv=None) -> int:
@@ -194,6 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="base", choices=["tiny", "base", "large"],
                    help="shape of the random-weight model")
     p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--demo-limit", type=int, default=40,
+                   help="demo utterances for calibration and for the WER check")
     p.add_argument("--keep", action="store_true", help="keep the .onnx files in --workdir")
     p.add_argument("--workdir", default=None, help="where the .onnx files go (default: a temp dir)")
     p.add_argument("--out", default=str(RESULTS))
@@ -213,14 +239,16 @@ def main(argv=None) -> int:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         if not args.skip_demo:
-            make_demo, reason = demo_factory()
-            if make_demo is None:
+            demo, reason = demo_inputs("demo", args.demo_limit)
+            if demo is None:
                 notes.append(f"demo model skipped: {reason}")
                 print(notes[-1])
             else:
-                rows.append(bench_model("demo", make_demo, args, workdir))
+                make_demo, calib, test = demo
+                rows.append(bench_model("demo", make_demo, calib, args, workdir, wer_data=test))
         rows.append(bench_model(f"random-wav2vec2-{args.shape}",
-                                lambda: random_model(args.shape, seed=0), args, workdir))
+                                lambda: random_model(args.shape, seed=0),
+                                random_calibration(int(args.seconds * 16000)), args, workdir))
 
     print_table(rows)
     target = rows[-1]
