@@ -434,7 +434,8 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     out_path = Path(out_path)
     sampling_rate = int(getattr(speech, "sampling_rate", 16000))
     # Batch 2 at trace time so nothing gets specialised to a single-item batch.
-    sample = torch.randn(2, max(int(sample_seconds * sampling_rate), 400))
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    sample = torch.randn(2, max(int(sample_seconds * sampling_rate), 400), device=device)
     was_training = net.training
     try:
         net.eval()

@@ -335,6 +335,16 @@ def test_failed_export_leaves_old_file_and_no_temp(tmp_path, monkeypatch, int8):
     assert out.read_bytes() == b"previous export"
 
 
+def test_bare_module_export_takes_vocab_from_the_model(int8, tmp_path):
+    sm, _, _ = int8
+    path = export_onnx(sm.model, tmp_path / "bare.onnx")["path"]
+    runner = OnnxCTCModel(path)
+    assert "vocab" not in runner.meta and runner.meta["conv_stride"] == list(sm.model.config.conv_stride)
+    with pytest.raises(ValueError, match="no vocabulary"):
+        runner.speech_model()
+    assert runner.speech_model(sm).vocab == sm.vocab
+
+
 def test_export_restores_quantizer_backends(int8):
     sm, _, _ = int8
     assert all(getattr(q, "backend", None) is None for q in enabled_quantizers(sm.model).values())
