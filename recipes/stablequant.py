@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,32 @@ def _fingerprint(sm, calib, dev, s: Settings) -> dict:
     }
 
 
+@contextmanager
+def folded_weight_quantizers(model: torch.nn.Module):
+    """Replace each weight by its fake-quantized value once, instead of on every forward.
+
+    Bitwise the same computation (the weight quantizer's own output); weights and quantizers
+    are restored on exit, so the saved model still holds float weights + amax.
+    """
+    from modelopt.torch.quantization.nn import QuantModule
+
+    folded = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                wq = getattr(module, "weight_quantizer", None)
+                if isinstance(module, QuantModule) and wq is not None and wq.is_enabled:
+                    original = module.weight.data
+                    module.weight.data = wq(original)
+                    wq.disable()
+                    folded.append((module, original))
+        yield
+    finally:
+        for module, original in folded:
+            module.weight.data = original
+            module.weight_quantizer.enable()
+
+
 def histogram_arrays(cal) -> tuple:
     """(counts, edges, exact max) of a histogram calibrator, for baselines and plots."""
     h = cal.histogram
@@ -262,18 +289,26 @@ def run_stablequant(
     grids = {n: [float(a) for a in cals[n].amax_grid(s.grid, mse=True)] for n in marked}
     for n, a in mse_amax.items():
         acts[n].amax = a
+    # What is constant across cut-offs is computed once: fake-quantized weights (folded in) and
+    # the quantized prefix before the first marked layer (cached by a second prefix runner).
+    stage2_runner = PrefixRunner(model, forward_logits, dev_batches)
+    first_marked = marked[0].rsplit(".", 1)[0] if marked else None
     by_candidate: dict[tuple, float] = {}
-    for k, p in enumerate(tqdm(s.grid, desc="stage 2: cut-off search", disable=not progress)):
-        key = tuple(grids[n][k] for n in marked)
-        if str(p) not in state.data["stage2"]:
-            if key not in by_candidate:
-                for n in marked:
-                    acts[n].amax = grids[n][k]
-                state.data["stage2"][str(p)] = evaluate(None)
-                state.save()
-            else:  # same scales as an evaluated cut-off: same WER
-                state.data["stage2"][str(p)] = by_candidate[key]
-        by_candidate.setdefault(key, state.data["stage2"][str(p)])
+    with folded_weight_quantizers(model):
+        for k, p in enumerate(tqdm(s.grid, desc="stage 2: cut-off search", disable=not progress)):
+            key = tuple(grids[n][k] for n in marked)
+            if str(p) not in state.data["stage2"]:
+                if key not in by_candidate:
+                    for n in marked:
+                        acts[n].amax = grids[n][k]
+                    evaluations += 1
+                    with torch.inference_mode():
+                        state.data["stage2"][str(p)] = scorer.wer(stage2_runner.run(first_marked))
+                    state.save()
+                else:  # same scales as an evaluated cut-off: same WER
+                    state.data["stage2"][str(p)] = by_candidate[key]
+            by_candidate.setdefault(key, state.data["stage2"][str(p)])
+    stage2_runner.clear()
     stage2 = {str(p): state.data["stage2"][str(p)] for p in s.grid}
     k_opt = min(range(len(s.grid)), key=lambda k: (stage2[str(s.grid[k])], k))  # ties -> smaller p
     p_opt = s.grid[k_opt]
