@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from calibrators import entropy_amax, percentile_amax
 
+from .fastquant import fast_fake_quant
 from .models import SpeechModel, layer_inventory
 from .qconfig import forward_logits
 from .stablequant import DevScorer, Settings, histogram_arrays, run_stablequant
@@ -78,7 +79,8 @@ def compare_methods(
             for n in cnn_quantizers:
                 quantizers[n].disable() if tr_only else quantizers[n].enable()
             try:
-                return score(sm, model, test_scorer)
+                with fast_fake_quant(model):
+                    return score(sm, model, test_scorer)
             finally:
                 for n in cnn_quantizers:
                     quantizers[n].enable()

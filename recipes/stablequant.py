@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .asr import greedy_ctc_decode, wer_cer
+from .fastquant import fast_fake_quant
 from .atomic import write_json_atomic
 from .models import SpeechModel, layer_inventory
 from .qconfig import forward_logits, quantize_copy, stablequant_config
@@ -257,64 +258,65 @@ def run_stablequant(
         with torch.inference_mode():
             return scorer.wer(runner.run(None if s.naive_stage1 else module_path))
 
-    # float reference (all quantizers off)
-    if state.data["float_wer"] is None:
-        only(set())
-        state.data["float_wer"] = evaluate(None)
-        state.save()
-    float_wer = state.data["float_wer"]
-    lap("float")
-
-    # Stage 1: each activation quantizer alone, MAX calibration
-    stage1 = []
-    for name in tqdm(list(acts), desc="stage 1: one layer at a time (MAX)", disable=not progress):
-        layer = name.rsplit(".", 1)[0]
-        amax_max = float(cals[name].compute_amax(cutoff=0.0, mse=False))
-        if name not in state.data["stage1"]:
-            only({name})
-            acts[name].amax = amax_max
-            state.data["stage1"][name] = evaluate(layer)
+    with fast_fake_quant(model):  # bitwise ModelOpt's fake quant, in place: faster search
+        # float reference (all quantizers off)
+        if state.data["float_wer"] is None:
+            only(set())
+            state.data["float_wer"] = evaluate(None)
             state.save()
-        wer = state.data["stage1"][name]
-        stage1.append(LayerResult(name, layer, kinds.get(layer, "other"), wer, wer - float_wer,
-                                  wer - float_wer > s.gamma, amax_max))
-    runner.clear()
-    lap("stage1")
-    marked = [r.quantizer for r in stage1 if r.marked]
-    log.info("stage 1 marked %d layer(s): %s", len(marked), marked)
+        float_wer = state.data["float_wer"]
+        lap("float")
 
-    # Stage 2: every quantizer on; marked layers cut-off p + MSE, the rest MSE only
-    only(enabled)
-    mse_amax = {n: float(cals[n].compute_amax(cutoff=0.0, mse=True)) for n in acts if n not in marked}
-    grids = {n: [float(a) for a in cals[n].amax_grid(s.grid, mse=True)] for n in marked}
-    for n, a in mse_amax.items():
-        acts[n].amax = a
-    # What is constant across cut-offs is computed once: fake-quantized weights (folded in) and
-    # the quantized prefix before the first marked layer (cached by a second prefix runner).
-    stage2_runner = PrefixRunner(model, forward_logits, dev_batches)
-    first_marked = marked[0].rsplit(".", 1)[0] if marked else None
-    by_candidate: dict[tuple, float] = {}
-    with folded_weight_quantizers(model):
-        for k, p in enumerate(tqdm(s.grid, desc="stage 2: cut-off search", disable=not progress)):
-            key = tuple(grids[n][k] for n in marked)
-            if str(p) not in state.data["stage2"]:
-                if key not in by_candidate:
-                    for n in marked:
-                        acts[n].amax = grids[n][k]
-                    evaluations += 1
-                    with torch.inference_mode():
-                        state.data["stage2"][str(p)] = scorer.wer(stage2_runner.run(first_marked))
-                    state.save()
-                else:  # same scales as an evaluated cut-off: same WER
-                    state.data["stage2"][str(p)] = by_candidate[key]
-            by_candidate.setdefault(key, state.data["stage2"][str(p)])
-    stage2_runner.clear()
-    stage2 = {str(p): state.data["stage2"][str(p)] for p in s.grid}
-    k_opt = min(range(len(s.grid)), key=lambda k: (stage2[str(s.grid[k])], k))  # ties -> smaller p
-    p_opt = s.grid[k_opt]
-    for n in marked:
-        acts[n].amax = grids[n][k_opt]
-    lap("stage2")
+        # Stage 1: each activation quantizer alone, MAX calibration
+        stage1 = []
+        for name in tqdm(list(acts), desc="stage 1: one layer at a time (MAX)", disable=not progress):
+            layer = name.rsplit(".", 1)[0]
+            amax_max = float(cals[name].compute_amax(cutoff=0.0, mse=False))
+            if name not in state.data["stage1"]:
+                only({name})
+                acts[name].amax = amax_max
+                state.data["stage1"][name] = evaluate(layer)
+                state.save()
+            wer = state.data["stage1"][name]
+            stage1.append(LayerResult(name, layer, kinds.get(layer, "other"), wer, wer - float_wer,
+                                      wer - float_wer > s.gamma, amax_max))
+        runner.clear()
+        lap("stage1")
+        marked = [r.quantizer for r in stage1 if r.marked]
+        log.info("stage 1 marked %d layer(s): %s", len(marked), marked)
+
+        # Stage 2: every quantizer on; marked layers cut-off p + MSE, the rest MSE only
+        only(enabled)
+        mse_amax = {n: float(cals[n].compute_amax(cutoff=0.0, mse=True)) for n in acts if n not in marked}
+        grids = {n: [float(a) for a in cals[n].amax_grid(s.grid, mse=True)] for n in marked}
+        for n, a in mse_amax.items():
+            acts[n].amax = a
+        # What is constant across cut-offs is computed once: fake-quantized weights (folded in) and
+        # the quantized prefix before the first marked layer (cached by a second prefix runner).
+        stage2_runner = PrefixRunner(model, forward_logits, dev_batches)
+        first_marked = marked[0].rsplit(".", 1)[0] if marked else None
+        by_candidate: dict[tuple, float] = {}
+        with folded_weight_quantizers(model):
+            for k, p in enumerate(tqdm(s.grid, desc="stage 2: cut-off search", disable=not progress)):
+                key = tuple(grids[n][k] for n in marked)
+                if str(p) not in state.data["stage2"]:
+                    if key not in by_candidate:
+                        for n in marked:
+                            acts[n].amax = grids[n][k]
+                        evaluations += 1
+                        with torch.inference_mode():
+                            state.data["stage2"][str(p)] = scorer.wer(stage2_runner.run(first_marked))
+                        state.save()
+                    else:  # same scales as an evaluated cut-off: same WER
+                        state.data["stage2"][str(p)] = by_candidate[key]
+                by_candidate.setdefault(key, state.data["stage2"][str(p)])
+        stage2_runner.clear()
+        stage2 = {str(p): state.data["stage2"][str(p)] for p in s.grid}
+        k_opt = min(range(len(s.grid)), key=lambda k: (stage2[str(s.grid[k])], k))  # ties -> smaller p
+        p_opt = s.grid[k_opt]
+        for n in marked:
+            acts[n].amax = grids[n][k_opt]
+        lap("stage2")
 
     config = stablequant_config(s.wbits, s.abits, cutoff=p_opt, clip_layers=marked, num_bins=s.num_bins)
     amax = {n: float(q.amax) for n, q in acts.items()}

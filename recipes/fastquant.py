@@ -1,0 +1,82 @@
+"""A faster, bitwise-identical CPU fake-quant for the many evaluations of the recipe's search.
+
+ModelOpt's CPU path (``tensor_quant._tensor_quant``) allocates three full-size temporaries per
+call; on SFM CNN activations that is most of an evaluation's quantization cost. This does the
+same float32 operations in the same order (multiply by ``max_bound / amax``, round half to even,
+clamp, divide), in place, through ModelOpt's own quant-backend hook, and only for plain
+per-tensor / per-channel integer quantizers. ``tests/test_fastquant.py`` checks bit equality.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+BACKEND = "sq_plugin_fast_int"
+_TINY_AMAX = 1.0 / (1 << 24)  # ModelOpt treats amax at or below this as zero
+
+
+def fake_quant_int(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool,
+                   narrow_range: bool) -> torch.Tensor:
+    """Symmetric integer fake quantization, the same arithmetic as ModelOpt's ``_tensor_quant``."""
+    if unsigned and inputs.min() < 0.0:
+        raise TypeError("Negative values encountered in unsigned quantization.")
+    dtype = inputs.dtype
+    amax = amax.float()
+    if amax.min() < 0:
+        raise ValueError("Negative values in amax")
+    max_bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+    min_bound = 0.0 if unsigned else (-max_bound if narrow_range else -max_bound - 1.0)
+    scale = torch.tensor(max_bound, device=amax.device) / amax
+    zero = amax <= _TINY_AMAX
+    has_zero = bool(zero.any())
+    if has_zero:  # amax 0 quantizes everything to 0
+        scale = torch.where(zero, torch.zeros_like(scale), scale)
+    out = inputs.float() * scale
+    out.round_().clamp_(min_bound, max_bound)
+    if has_zero:
+        scale = torch.where(zero, torch.ones_like(scale), scale)
+    out.div_(scale)
+    return out.to(dtype)
+
+
+def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
+    return fake_quant_int(inputs, quantizer._get_amax(inputs), quantizer._num_bits,
+                          quantizer._unsigned, quantizer._narrow_range)
+
+
+def eligible(quantizer) -> bool:
+    """Plain integer fake quant on CPU with a calibrated amax (enabled or not): the fast path."""
+    return (
+        getattr(quantizer, "backend", None) is None
+        and isinstance(quantizer._num_bits, int)
+        and not quantizer.block_sizes
+        and not quantizer._dynamic
+        and getattr(quantizer, "_amax", None) is not None
+        and quantizer._amax.device.type == "cpu"
+        and getattr(quantizer, "_bias_value", None) is None
+        and not getattr(quantizer, "bias", None)
+    )
+
+
+@contextmanager
+def fast_fake_quant(model: nn.Module):
+    """Route eligible quantizers of ``model`` through the in-place fake quant while inside."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        is_registered_quant_backend,
+        register_quant_backend,
+    )
+
+    if not is_registered_quant_backend(BACKEND):
+        register_quant_backend(BACKEND, _entrypoint)
+    switched = [q for q in model.modules() if isinstance(q, TensorQuantizer) and eligible(q)]
+    for q in switched:
+        q.backend = BACKEND
+    try:
+        yield
+    finally:
+        for q in switched:
+            q.backend = None
