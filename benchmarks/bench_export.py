@@ -127,21 +127,22 @@ def quantize_int8(sm, calib: list):
     return sm
 
 
-def export_pair(make_model, calib: list, workdir: Path, tag: str) -> dict[str, Path]:
-    """fp32 and int8 Q/DQ exports of the same weights."""
+def export_pair(make_model, calib: list, workdir: Path, tag: str):
+    """fp32 and int8 Q/DQ exports of the same weights, plus the torch fake-quant model."""
     from recipes.export import export_onnx
 
     paths = {"fp32": workdir / f"{tag}_fp32.onnx", "int8": workdir / f"{tag}_int8.onnx"}
     export_onnx(make_model(), paths["fp32"], allow_fp32=True)
-    export_onnx(quantize_int8(make_model(), calib), paths["int8"])
-    return paths
+    quantized = quantize_int8(make_model(), calib)
+    export_onnx(quantized, paths["int8"])
+    return paths, quantized
 
 
 def bench_model(tag: str, make_model, calib: list, args, workdir: Path, wer_data=None) -> dict:
     """Export both precisions, then time, size and memory them (and WER if given data)."""
     samples = int(args.seconds * 16000)
     t0 = time.perf_counter()
-    paths = export_pair(make_model, calib, workdir, tag)
+    paths, quantized = export_pair(make_model, calib, workdir, tag)
     export_s = time.perf_counter() - t0
     latency = time_sessions(paths, samples, args.runs, args.warmup, args.threads, args.opt_level)
     memory = {k: peak_memory(p, samples, args.threads, args.opt_level) for k, p in paths.items()}
@@ -159,8 +160,12 @@ def bench_model(tag: str, make_model, calib: list, args, workdir: Path, wer_data
     if wer_data is not None:
         from recipes.onnx_runner import run_eval_onnx
 
+        from recipes.asr import evaluate
+
         row["wer"] = {k: run_eval_onnx(p, wer_data, progress=False, print_table=False)["wer"]
                       for k, p in paths.items()}
+        # The same int8 model in torch: the ONNX file should score like it (export fidelity).
+        row["wer"]["int8_torch_fake_quant"] = evaluate(quantized, wer_data, progress=False)["wer"]
     if not args.keep:
         for p in paths.values():
             p.unlink()
@@ -199,7 +204,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['latency_ratio_of_min']:>6.2f}x"
               f"{r['size_mib']['fp32']:>10.1f}{r['size_mib']['int8']:>10.1f}{r['size_ratio']:>7.2f}x"
               f"{r['peak_rss_increase_mib']['fp32']:>10.0f}M{r['peak_rss_increase_mib']['int8']:>10.0f}M"
-              + (f"   WER fp32 {r['wer']['fp32']:.2f} % / int8 {r['wer']['int8']:.2f} %"
+              + (f"   WER fp32 {r['wer']['fp32']:.2f} % / int8 {r['wer']['int8']:.2f} % "
+                 f"(torch fake-quant {r['wer']['int8_torch_fake_quant']:.2f} %)"
                  if "wer" in r else ""))
 
 
