@@ -71,7 +71,9 @@ def compare_methods(
         model = result.model.model
         acts = activation_quantizers(model)
         quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
-        cnn_quantizers = [n for n in quantizers if any(n.startswith(p + ".") for p in cnn_layers)]
+        # only the quantizers the config enabled (output / norm quantizers stay off)
+        cnn_quantizers = [n for n, q in quantizers.items()
+                          if q.is_enabled and any(n.startswith(p + ".") for p in cnn_layers)]
 
         def wer_with(amax: dict[str, float], tr_only: bool = False) -> float:
             for n, a in amax.items():

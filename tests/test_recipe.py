@@ -146,3 +146,27 @@ def test_bad_settings_and_data(setup):
     assert parse_grid("0:0.5:0.01") == [round(0.01 * i, 10) for i in range(51)]
     with pytest.raises(ValueError, match="dev set is empty"):
         run_stablequant(sm, calib, [], Settings(grid=GRID), progress=False)
+
+
+def test_compare_rows_match_independent_modelopt_runs(setup):
+    """Table rows vs fresh ModelOpt quantizations: ModelOpt's own max calibration (all layers,
+    and with the CNN disabled by config) and the emitted StableQuant config."""
+    from recipes.compare import compare_methods
+    from recipes.qconfig import CNN_PATTERN, quant_cfg
+
+    sm, calib, dev = setup
+    table = compare_methods(sm, calib, dev, dev, bits=[8], grid=GRID, num_bins=256)
+    row = table["bits"]["8"]
+    scorer = DevScorer(sm, dev)
+
+    def fresh_wer(config):
+        model = remove_weight_norm(copy.deepcopy(sm.model))
+        mtq.quantize(model, config, calibration_loop(calib))
+        with torch.inference_mode():
+            return scorer.wer([forward_logits(model, b) for b in dev])
+
+    assert table["fp32_test_wer"] == 0.0
+    assert row["max"] == fresh_wer({"quant_cfg": quant_cfg(8, 8), "algorithm": "max"})
+    assert row["max_tr_only"] == fresh_wer({"quant_cfg": quant_cfg(8, 8, disable=[CNN_PATTERN]), "algorithm": "max"})
+    sq = run_stablequant(sm, calib, dev, Settings(grid=GRID, num_bins=256), progress=False)
+    assert row["stablequant"] == fresh_wer(sq.config)
