@@ -88,20 +88,25 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def forward_logits(model: torch.nn.Module, batch) -> torch.Tensor:
+    """One batch through an HF-style CTC model (attention mask only when the model uses one)."""
+    device = _model_device(model)
+    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask.to(device)}
+    return model(batch.input_values.to(device), **kwargs).logits
+
+
+def decode_logits(sm, logits: torch.Tensor, batch) -> list[str]:
+    """Greedy transcripts of one batch's logits, each cut to its own valid frames."""
+    out_lengths = sm.model._get_feat_extract_output_lengths(batch.lengths)
+    return greedy_ctc_decode(logits.float().cpu(), sm.vocab, sm.blank_id, sm.word_delimiter, out_lengths)
+
+
 def transcribe(sm, batches, progress: bool = True) -> list[str]:
     """Greedy transcripts for every utterance, in batch order (matches the batches' ids/texts)."""
-    model = sm.model
-    device = _model_device(model)
     hyps = []
     with torch.inference_mode():
         for batch in tqdm(batches, desc="transcribe", unit="batch", disable=not progress):
-            kwargs = {}
-            if batch.attention_mask is not None:
-                kwargs["attention_mask"] = batch.attention_mask.to(device)
-            logits = model(batch.input_values.to(device), **kwargs).logits
-            out_lengths = model._get_feat_extract_output_lengths(batch.lengths)
-            hyps += greedy_ctc_decode(logits.float().cpu(), sm.vocab, sm.blank_id,
-                                      sm.word_delimiter, out_lengths)
+            hyps += decode_logits(sm, forward_logits(sm.model, batch), batch)
     return hyps
 
 

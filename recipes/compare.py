@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from calibrators import entropy_amax, percentile_amax
 
+from .asr import forward_logits
 from .fastquant import fast_fake_quant
 from .models import SpeechModel, layer_inventory
-from .qconfig import forward_logits
 from .stablequant import DevScorer, Settings, histogram_arrays, run_stablequant
 
 PERCENTILE = 99.99

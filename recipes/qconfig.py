@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .asr import forward_logits
 from .models import SpeechModel, remove_weight_norm
 
 SUPPORTED_BITS = range(2, 17)
@@ -61,12 +62,6 @@ def stablequant_config(
             "num_bins": int(num_bins),
         },
     }
-
-
-def forward_logits(model: nn.Module, batch) -> torch.Tensor:
-    """One batch through an HF CTC model (attention mask only when the model uses one)."""
-    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask}
-    return model(batch.input_values, **kwargs).logits
 
 
 def calibration_loop(batches: Sequence):

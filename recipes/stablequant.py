@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .asr import greedy_ctc_decode, wer_cer
-from .fastquant import fast_fake_quant
+from .asr import decode_logits, forward_logits, wer_cer
 from .atomic import write_json_atomic
+from .fastquant import fast_fake_quant
 from .models import SpeechModel, layer_inventory
-from .qconfig import forward_logits, quantize_copy, stablequant_config
+from .qconfig import quantize_copy, stablequant_config
 from .reuse import PrefixRunner
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,7 @@ class DevScorer:
     def wer(self, logits: Sequence[torch.Tensor]) -> float:
         if len(logits) != len(self.batches):
             raise ValueError(f"{len(logits)} outputs for {len(self.batches)} dev batches")
-        hyps = []
-        for out, batch in zip(logits, self.batches):
-            lengths = self.sm.model._get_feat_extract_output_lengths(batch.lengths)
-            hyps += greedy_ctc_decode(out.float(), self.sm.vocab, self.sm.blank_id, self.sm.word_delimiter, lengths)
+        hyps = [h for out, batch in zip(logits, self.batches) for h in decode_logits(self.sm, out, batch)]
         return wer_cer(self.refs, hyps)[0]
 
 

@@ -16,10 +16,10 @@ import soundfile as sf
 import torch
 
 import sq_plugin  # noqa: F401
-from recipes.asr import transcribe
+from recipes.asr import forward_logits, transcribe
 from recipes.data import make_batches, open_dataset
 from recipes.models import random_model, remove_weight_norm
-from recipes.qconfig import calibration_loop, forward_logits, quantize_copy, stablequant_config
+from recipes.qconfig import calibration_loop, quantize_copy, stablequant_config
 from recipes.reuse import PrefixRunner
 from recipes.stablequant import DevScorer, Settings, parse_grid, run_stablequant
 
