@@ -32,8 +32,8 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor,
-                          Wav2Vec2ForCTC, Wav2Vec2Processor)
+from transformers import (HubertConfig, HubertForCTC, Wav2Vec2Config, Wav2Vec2CTCTokenizer,
+                          Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor)
 
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(c) for c in range(65, 91)] + ["'"]
 CHAR2ID = {c: i for i, c in enumerate(VOCAB)}
@@ -41,8 +41,17 @@ SR = 16000
 INTER_LAYERS = (0, 2)  # encoder input (after pos-conv + LN) and after layer 2
 
 
-def make_config() -> Wav2Vec2Config:
-    return Wav2Vec2Config(
+def make_config(arch: str = "wav2vec2"):
+    """wav2vec2-base in miniature; ``hubert``: the same sizes in HuBERT-large's layout
+    (LayerNorm conv front end with bias, pre-LN Transformer), a second family for transfer checks."""
+    if arch == "hubert":
+        return HubertConfig(**{**_shape(), "conv_bias": True, "feat_extract_norm": "layer",
+                               "do_stable_layer_norm": True})
+    return Wav2Vec2Config(**_shape())
+
+
+def _shape() -> dict:
+    return dict(
         vocab_size=len(VOCAB), pad_token_id=0, bos_token_id=1, eos_token_id=2,
         conv_dim=(128,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
         conv_bias=False, feat_extract_norm="group", feat_extract_activation="gelu",
@@ -51,6 +60,9 @@ def make_config() -> Wav2Vec2Config:
         hidden_dropout=0.05, attention_dropout=0.05, activation_dropout=0.05, feat_proj_dropout=0.05,
         final_dropout=0.05, layerdrop=0.0, mask_time_prob=0.05, mask_time_length=5,
         mask_feature_prob=0.0, ctc_loss_reduction="mean", ctc_zero_infinity=True)
+
+
+MODEL_CLASSES = {"wav2vec2": Wav2Vec2ForCTC, "hubert": HubertForCTC}
 
 
 def make_processor(tmp: Path) -> Wav2Vec2Processor:
@@ -137,6 +149,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--minutes", type=float, default=80)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", choices=sorted(MODEL_CLASSES), default="wav2vec2")
     ap.add_argument("--lr", type=float, default=1e-3)  # 2e-3 also trains with --inter-ctc
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--batch-seconds", type=float, default=16)
@@ -173,7 +186,8 @@ def main(argv=None) -> None:
     log(f"loaded {len(train)} train utts ({hours:.2f} h), {len(dev)} dev in {time.time() - t_load:.0f}s")
 
     processor = make_processor(a.out.with_name(a.out.name + ".vocab"))
-    model = Wav2Vec2ForCTC.from_pretrained(a.init) if a.init else Wav2Vec2ForCTC(make_config())
+    cls = MODEL_CLASSES[a.arch]
+    model = cls.from_pretrained(a.init) if a.init else cls(make_config(a.arch))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters; args {vars(a)}")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
