@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from itertools import groupby
 
 import jiwer
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -55,6 +57,62 @@ def normalize_text(text: str) -> str:
     return " ".join(kept.split())
 
 
+@dataclass(frozen=True)
+class UtteranceErrors:
+    """Edit counts per utterance: what corpus WER/CER and paired bootstrap intervals are built on."""
+
+    word_edits: np.ndarray  # substitutions + deletions + insertions, per utterance
+    words: np.ndarray  # reference words per utterance
+    char_edits: np.ndarray
+    chars: np.ndarray  # reference characters (spaces between words included)
+
+    @property
+    def wer(self) -> float:
+        return _percent(self.word_edits.sum(), self.words.sum())
+
+    @property
+    def cer(self) -> float:
+        return _percent(self.char_edits.sum(), self.chars.sum())
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k).tolist() for k in ("word_edits", "words", "char_edits", "chars")}
+
+
+def _percent(edits, total) -> float:
+    """Corpus rate in percent; a corpus with no reference tokens: 0 if no edits else inf."""
+    if total == 0:
+        return 0.0 if edits == 0 else float("inf")
+    return 100.0 * float(edits) / float(total)
+
+
+def _edits(refs: list[str], hyps: list[str], process, tokens) -> np.ndarray:
+    """Levenshtein edits per pair from jiwer's alignments (jiwer refuses an all-empty corpus)."""
+    edits = np.array([len(tokens(h)) for h in hyps], dtype=np.int64)  # empty reference: insertions
+    keep = [i for i, r in enumerate(refs) if r]
+    if keep:
+        out = process([refs[i] for i in keep], [hyps[i] for i in keep])
+        for i, chunks in zip(keep, out.alignments):
+            edits[i] = sum(max(c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx)
+                           for c in chunks if c.type != "equal")
+    return edits
+
+
+def utterance_errors(refs: list[str], hyps: list[str], normalize: bool = True) -> UtteranceErrors:
+    """Word and character edit counts of every (reference, hypothesis) pair."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    if not refs:
+        raise ValueError("no utterances to score")
+    norm = normalize_text if normalize else (lambda t: " ".join(t.split()))
+    refs, hyps = [norm(r) for r in refs], [norm(h) for h in hyps]
+    return UtteranceErrors(
+        word_edits=_edits(refs, hyps, jiwer.process_words, str.split),
+        words=np.array([len(r.split()) for r in refs], dtype=np.int64),
+        char_edits=_edits(refs, hyps, jiwer.process_characters, list),
+        chars=np.array([len(r) for r in refs], dtype=np.int64),
+    )
+
+
 def wer_cer(refs: list[str], hyps: list[str], normalize: bool = True) -> tuple[float, float]:
     """Corpus-level WER and CER in percent (total edits / total reference words or chars).
 
@@ -63,22 +121,38 @@ def wer_cer(refs: list[str], hyps: list[str], normalize: bool = True) -> tuple[f
     If the whole corpus has no reference words, the rate is 0.0 when there are no errors and
     inf otherwise. CER counts characters including the spaces between words.
     """
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    if not refs:
-        raise ValueError("no utterances to score")
-    if normalize:
-        refs, hyps = [normalize_text(r) for r in refs], [normalize_text(h) for h in hyps]
-    return 100.0 * _rate(refs, hyps, words=True), 100.0 * _rate(refs, hyps, words=False)
+    errors = utterance_errors(refs, hyps, normalize)
+    return errors.wer, errors.cer
 
 
-def _rate(refs: list[str], hyps: list[str], words: bool) -> float:
-    if all(not r for r in refs):  # jiwer cannot score a corpus with no reference tokens
-        inserted = sum(len(h.split()) if words else len(h) for h in hyps)
-        return 0.0 if inserted == 0 else float("inf")
-    if words:
-        return jiwer.process_words(refs, hyps).wer
-    return jiwer.process_characters(refs, hyps).cer
+def paired_bootstrap(edits_a, edits_b, words, resamples: int = 1000, seed: int = 0,
+                     confidence: float = 0.95) -> dict:
+    """Paired bootstrap interval of WER(a) - WER(b) in points, resampling utterances.
+
+    Both systems are scored on the same resampled utterances (paired), so the interval reflects
+    how much the difference depends on which utterances happened to be in the set. Percentile
+    interval; ``significant`` when it excludes 0.
+    """
+    a, b, n_words = (np.asarray(v, dtype=np.int64) for v in (edits_a, edits_b, words))
+    if not (a.shape == b.shape == n_words.shape) or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"need three equal-length 1-D per-utterance arrays, got {a.shape}, {b.shape}, {n_words.shape}")
+    if int(n_words.sum()) == 0:
+        raise ValueError("no reference words: WER differences are undefined")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"bad bootstrap settings: resamples={resamples}, confidence={confidence}")
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    delta = a - b
+    chunk = max(1, 2_000_000 // a.size)  # bounded memory for large sets
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, a.size, size=(min(chunk, resamples - start), a.size))
+        total = n_words[idx].sum(axis=1)
+        diffs[start:start + idx.shape[0]] = 100.0 * delta[idx].sum(axis=1) / np.maximum(total, 1)
+    tail = 100.0 * (1 - confidence) / 2
+    low, high = np.percentile(diffs, [tail, 100.0 - tail])
+    return {"diff": 100.0 * float(delta.sum()) / float(n_words.sum()), "low": float(low), "high": float(high),
+            "significant": bool(low > 0 or high < 0), "resamples": int(resamples), "seed": int(seed),
+            "confidence": float(confidence)}
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

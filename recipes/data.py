@@ -225,24 +225,26 @@ def select_subset(utts: list[Utterance], limit: int | None, seed: int = 0) -> li
 
 
 def _collate(items: list[tuple[Utterance, np.ndarray]], with_mask: bool) -> Batch:
-    lengths = [len(w) for _, w in items]
-    max_len = max(lengths)
-    x = torch.zeros(len(items), max_len, dtype=torch.float32)
-    mask = torch.zeros(len(items), max_len, dtype=torch.long)
-    for i, (_, w) in enumerate(items):
-        x[i, : len(w)] = torch.from_numpy(w)
-        mask[i, : len(w)] = 1
-    return Batch(x, mask if with_mask else None, torch.tensor(lengths, dtype=torch.long),
-                 [u.text for u, _ in items], [u.id for u, _ in items])
+    """Stack equal-length utterances (the mask, where the model takes one, is all ones)."""
+    x = torch.from_numpy(np.stack([w for _, w in items]))
+    lengths = torch.full((len(items),), x.shape[1], dtype=torch.long)
+    mask = torch.ones(x.shape, dtype=torch.long) if with_mask else None
+    return Batch(x, mask, lengths, [u.text for u, _ in items], [u.id for u, _ in items])
 
 
-def make_batches(utts: list[Utterance], sm, batch_seconds: float = 60.0, limit: int | None = None,
+def make_batches(utts: list[Utterance], sm, batch_seconds: float = 32.0, limit: int | None = None,
                  seed: int = 0, skip_bad: bool = False) -> BatchList:
-    """Load audio once and group it into length-sorted padded batches.
+    """Load audio once and group it into batches of equal-length utterances (never padded).
 
+    No padding inside a forward: a model without an attention mask (wav2vec2-base's GroupNorm
+    front end) normalises over the padded frames, and padded zeros would also land in the
+    calibration histograms, so a padded batch's WER would depend on how utterances were grouped.
+    Utterances of the same length share a batch of at most `batch_seconds` of audio (always at
+    least one utterance), so every WER here is the same whatever `batch_seconds` is.
     `sm` is a SpeechModel (or anything with sampling_rate, do_normalize, return_attention_mask).
-    A batch holds at most `batch_seconds` of padded audio (always at least one utterance).
     """
+    if not batch_seconds > 0:
+        raise ValueError(f"batch_seconds must be > 0, got {batch_seconds}")
     sr = int(getattr(sm, "sampling_rate", 16000))
     do_normalize = bool(getattr(sm, "do_normalize", True))
     with_mask = bool(getattr(sm, "return_attention_mask", False))
@@ -266,8 +268,8 @@ def make_batches(utts: list[Utterance], sm, batch_seconds: float = 60.0, limit: 
     budget = batch_seconds * sr
     batches, current = [], []
     for item in loaded:
-        # sorted ascending, so the newest item is the longest: padded size = len * count
-        if current and len(item[1]) * (len(current) + 1) > budget:
+        n = len(item[1])
+        if current and (n != len(current[0][1]) or n * (len(current) + 1) > budget):
             batches.append(_collate(current, with_mask))
             current = []
         current.append(item)

@@ -48,7 +48,7 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 
 
 def run_eval(model: str | Path | SpeechModel = "demo", data: str | Path | None = None,
-             limit: int | None = None, batch_seconds: float = 60.0, skip_bad: bool = False,
+             limit: int | None = None, batch_seconds: float = 32.0, skip_bad: bool = False,
              seed: int = 0, progress: bool = True, print_table: bool = True) -> dict:
     """Load model and data, transcribe, score; returns the metrics (and transcripts).
 

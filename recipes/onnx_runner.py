@@ -245,7 +245,7 @@ class OnnxCTCModel:
 
 
 def run_eval_onnx(onnx_path: str | Path, data=None, model: str | Path | None = "demo", *,
-                  limit: int | None = None, batch_seconds: float = 60.0, skip_bad: bool = False,
+                  limit: int | None = None, batch_seconds: float = 32.0, skip_bad: bool = False,
                   seed: int = 0, providers: list[str] | None = None, progress: bool = True,
                   print_table: bool = True) -> dict:
     """`stablequant eval --onnx`: WER/CER of an exported .onnx, scored like recipes.evaluate.run_eval.

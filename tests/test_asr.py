@@ -170,3 +170,44 @@ def test_run_eval_accepts_speech_model_and_demo_source(tmp_path, monkeypatch):
     sm.source = "demo"
     monkeypatch.setattr(ev, "_demo_utterances", lambda: (["u"], "demo:test"))
     assert ev.load_eval_data(sm, None) == (["u"], "demo:test")
+
+
+def test_utterance_errors_hand_counted():
+    from recipes.asr import utterance_errors
+
+    e = utterance_errors(["a b c", "d e", ""], ["a x c d", "e", "f g"])
+    # words: sub b->x + ins d | del d | 2 insertions (empty reference)
+    assert e.word_edits.tolist() == [2, 1, 2] and e.words.tolist() == [3, 2, 0]
+    # chars: sub B->X + ins " D" | del "D " | ins "F G"
+    assert e.char_edits.tolist() == [3, 2, 3] and e.chars.tolist() == [5, 3, 0]
+    assert e.wer == 100.0 and e.cer == 100.0
+    assert wer_cer(["a b c", "d e", ""], ["a x c d", "e", "f g"]) == (100.0, 100.0)
+
+
+def test_paired_bootstrap_two_utterances_enumerated():
+    from recipes.asr import paired_bootstrap
+
+    # Resamples of 2 utterances: (0,0) diff 100, (0,1)/(1,0) 50, (1,1) 0, with prob 1/4, 1/2, 1/4:
+    # the 2.5 % / 97.5 % percentiles are exactly 0 and 100; the point difference is 50.
+    ci = paired_bootstrap([1, 0], [0, 0], [1, 1], resamples=4000, seed=3)
+    assert ci["diff"] == 50.0 and ci["low"] == 0.0 and ci["high"] == 100.0
+    assert ci["significant"] is False and ci["resamples"] == 4000
+    assert paired_bootstrap([1, 0], [0, 0], [1, 1], resamples=4000, seed=3) == ci  # seeded
+
+
+def test_paired_bootstrap_constant_difference_is_significant():
+    from recipes.asr import paired_bootstrap
+
+    # every utterance: a has one more error per 2 words than b -> every resample differs by 50
+    ci = paired_bootstrap([2, 1, 3], [1, 0, 2], [2, 2, 2], resamples=1000)
+    assert ci["low"] == ci["high"] == ci["diff"] == 50.0 and ci["significant"] is True
+    flipped = paired_bootstrap([1, 0, 2], [2, 1, 3], [2, 2, 2], resamples=1000)
+    assert flipped["high"] == -50.0 and flipped["significant"] is True
+
+
+@pytest.mark.parametrize("args", [([1], [1, 2], [1, 1]), ([], [], []), ([0, 0], [0, 0], [0, 0])])
+def test_paired_bootstrap_bad_input(args):
+    from recipes.asr import paired_bootstrap
+
+    with pytest.raises(ValueError):
+        paired_bootstrap(*args)

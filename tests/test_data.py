@@ -186,19 +186,33 @@ def test_deterministic_limit(tmp_path):
     assert ids == sorted(u.id for u in a)
 
 
-def test_batches_sorted_padded_normalized(tmp_path):
-    utts = many_utts(tmp_path)
-    batches = make_batches(utts, MODEL, batch_seconds=1.0)
-    assert batches.num_utterances == len(utts) and len(batches) > 1
-    all_lengths = [int(x) for b in batches for x in b.lengths]
-    assert all_lengths == sorted(all_lengths)
-    for b in batches:
-        assert b.input_values.shape[0] * b.input_values.shape[1] <= SR * 1.0 or len(b.ids) == 1
-        assert b.attention_mask.sum(1).tolist() == b.lengths.tolist()
-        for row, n in zip(b.input_values, b.lengths):
-            seg = row[: int(n)].double()
-            assert abs(seg.mean()) < 1e-4 and abs(seg.std(unbiased=False) - 1) < 1e-3
-            assert row[int(n):].abs().sum() == 0
+def test_batches_hold_equal_lengths_only_never_padded(tmp_path):
+    lines = []
+    for i, seconds in enumerate([0.3, 0.1, 0.3, 0.2, 0.3, 0.1, 0.25]):  # 4 distinct lengths
+        write(tmp_path / f"u{i}.flac", seconds=seconds, freq=300.0 + 50 * i)
+        lines.append(f"u{i}.flac\tWORD {i}")
+    (tmp_path / "l.tsv").write_text("\n".join(lines) + "\n")
+    utts = open_dataset(tmp_path / "l.tsv")
+    lengths_of = {u.id: int(round(sf.info(str(u.path)).frames)) for u in utts}
+    for seconds in (0.05, 1.0, 100.0):
+        batches = make_batches(utts, MODEL, batch_seconds=seconds)
+        assert batches.num_utterances == len(utts)
+        all_lengths = [int(x) for b in batches for x in b.lengths]
+        assert all_lengths == sorted(all_lengths)
+        for b in batches:
+            n = b.input_values.shape[1]
+            assert [lengths_of[i] for i in b.ids] == [n] * len(b.ids)  # same length, no padding
+            assert b.lengths.tolist() == [n] * len(b.ids)
+            assert b.attention_mask.sum(1).tolist() == [n] * len(b.ids)
+            assert n * len(b.ids) <= SR * seconds or len(b.ids) == 1
+            for row in b.input_values:
+                seg = row.double()
+                assert abs(seg.mean()) < 1e-4 and abs(seg.std(unbiased=False) - 1) < 1e-3
+    # a large budget groups all utterances of one length together; a small one splits them
+    assert len(make_batches(utts, MODEL, batch_seconds=100.0)) == 4
+    assert len(make_batches(utts, MODEL, batch_seconds=0.5)) == 6  # the three 0.3 s ones alone
+    with pytest.raises(ValueError, match="batch_seconds"):
+        make_batches(utts, MODEL, batch_seconds=0)
 
 
 def test_no_attention_mask_no_normalize(tmp_path):
