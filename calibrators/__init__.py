@@ -18,6 +18,7 @@ from .search import (
     stablequant_amax,
     stablequant_amax_grid,
 )
+from .weights import per_channel_mse_amax
 
 __all__ = [
     "AbsHistogram",
@@ -31,6 +32,7 @@ __all__ = [
     "entropy_amax",
     "max_amax",
     "mse_amax",
+    "per_channel_mse_amax",
     "percentile_amax",
     "stablequant_amax",
     "stablequant_amax_grid",

@@ -80,6 +80,13 @@ class HistogramCalibratorBase(_Calibrator):
     def _search(self, counts, edges, amax) -> float:
         raise NotImplementedError
 
+    def search(self, histogram: AbsHistogram) -> float:
+        """This calibrator's amax for a histogram collected elsewhere (collect once, search many)."""
+        if histogram.total == 0:
+            raise ValueError(f"{type(self).__name__}: the histogram is empty")
+        search._check_bits(self._num_bits)
+        return float(self._search(histogram.counts_numpy(), histogram.edges(), histogram.amax))
+
     def __repr__(self):
         return f"{type(self).__name__}({super().__repr__()} {self._hist!r})"
 
@@ -98,6 +105,10 @@ class StableQuantCalibrator(HistogramCalibratorBase):
         cutoff = self._cutoff if cutoff is None else cutoff
         mse = self._mse if mse is None else mse
         return self.amax_grid([cutoff], mse=mse)[0]
+
+    def _search(self, counts, edges, amax):
+        return search.stablequant_amax(counts, edges, amax, self._cutoff, self._num_bits,
+                                       self._unsigned, self._mse)
 
     def amax_grid(self, cutoffs, mse: bool = True) -> torch.Tensor:
         """One amax per cut-off from the same histogram (float32 tensor), in one search."""

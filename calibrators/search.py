@@ -243,3 +243,4 @@ def entropy_amax(counts, edges, amax: float, num_bits: int, unsigned: bool = Fal
         if kl < best_kl:
             best_i, best_kl = i, kl
     return float(min(edges[best_i], amax))
+

@@ -75,7 +75,11 @@ class UtteranceErrors:
         return _percent(self.char_edits.sum(), self.chars.sum())
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k).tolist() for k in ("word_edits", "words", "char_edits", "chars")}
+        return {k: getattr(self, k).tolist() for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: dict) -> UtteranceErrors:
+        return cls(**{k: np.asarray(data[k], dtype=np.int64) for k in cls.__dataclass_fields__})
 
 
 def _percent(edits, total) -> float:

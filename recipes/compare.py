@@ -13,33 +13,74 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from calibrators import entropy_amax, percentile_amax
-
-from .asr import forward_logits
+from .asr import UtteranceErrors, forward_logits, paired_bootstrap
 from .fastquant import fast_fake_quant
 from .models import SpeechModel, layer_inventory
-from .stablequant import DevScorer, Settings, histogram_arrays, run_stablequant
-
-PERCENTILE = 99.99
-
+from .layerwise import BASELINE_SPECS, PERCENTILE, calibrator_amax, run_layerwise, spec_label
+from .stablequant import DevScorer, Settings, run_stablequant
 
 def baseline_amax(cal, method: str) -> float:
     """One activation quantizer's amax by a baseline method, from its collected histogram."""
-    if method == "max":
-        return float(cal.compute_amax(cutoff=0.0, mse=False))
-    if method == "mse":
-        return float(cal.compute_amax(cutoff=0.0, mse=True))
-    counts, edges, amax = histogram_arrays(cal)
-    if method == "percentile":
-        return float(percentile_amax(counts, edges, amax, PERCENTILE))
-    if method == "entropy":
-        return float(entropy_amax(counts, edges, amax, cal._num_bits, cal._unsigned))
-    raise ValueError(f"unknown baseline method {method!r}")
+    if method not in BASELINE_SPECS:
+        raise ValueError(f"unknown baseline method {method!r}")
+    name, kwargs = BASELINE_SPECS[method]
+    return calibrator_amax(cal, name, kwargs)
+
+
+BASELINES = tuple(BASELINE_SPECS)
+
+
+def outputs(model: torch.nn.Module, batches: Sequence) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [forward_logits(model, b) for b in batches]
 
 
 def score(sm: SpeechModel, model: torch.nn.Module, scorer: DevScorer) -> float:
-    with torch.inference_mode():
-        return scorer.wer([forward_logits(model, b) for b in scorer.batches])
+    return scorer.wer(outputs(model, scorer.batches))
+
+
+def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
+    """Dev per-utterance edits of each baseline applied to every activation quantizer.
+
+    The default recipe evaluated them as its starts (weights per-channel max); for a paper run
+    they are evaluated here from the run's histograms, the model left as the recipe chose.
+    """
+    from sq_plugin.modelopt_glue import activation_quantizers
+
+    if result.recipe == "default":
+        return {m: UtteranceErrors.from_json(result.dev_errors[f"{spec_label(*spec)}/max"])
+                for m, spec in BASELINE_SPECS.items()}
+    model = result.model.model
+    acts = activation_quantizers(model)
+    chosen = {n: q.amax for n, q in acts.items()}
+    errors = {}
+    try:
+        with fast_fake_quant(model):
+            for method in BASELINES:
+                for n, q in acts.items():
+                    q.amax = baseline_amax(q._calibrator, method)
+                errors[method] = scorer.errors(outputs(model, scorer.batches))
+    finally:
+        for n, q in acts.items():
+            q.amax = chosen[n]
+    return errors
+
+
+def intervals(errors: dict[str, UtteranceErrors], reference: str, baselines: Sequence[str],
+              resamples: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Paired bootstrap CIs of each system's WER minus the reference's and the best baseline's."""
+    best = min(baselines, key=lambda m: errors[m].wer)
+    out = {"best_baseline": best}
+    for name, e in errors.items():
+        if name == reference:
+            continue
+        entry = {f"vs_{reference}": paired_bootstrap(e.word_edits, errors[reference].word_edits, e.words,
+                                                      resamples, seed)}
+        if name != best:
+            entry["vs_best_baseline"] = paired_bootstrap(e.word_edits, errors[best].word_edits, e.words,
+                                                         resamples, seed)
+        out[name] = entry
+    return out
 
 
 def compare_methods(
@@ -53,48 +94,77 @@ def compare_methods(
     num_bins: int = 2048,
     out_dir: Path | None = None,
     resume: bool = False,
+    subsets: dict[str, set[str]] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
 ) -> dict:
+    """Test WER of every baseline, the paper's recipe and the default recipe, with intervals.
+
+    ``subsets`` (name -> utterance ids of the test set) adds per-subset WERs, e.g. the demo's
+    training voices vs held-out voices.
+    """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     from sq_plugin.modelopt_glue import activation_quantizers
 
     test_scorer = DevScorer(sm, test)
-    fp32 = score(sm, sm.model, test_scorer)
+    test_ids = [i for b in test for i in b.ids]
+    fp32_errors = test_scorer.errors(outputs(sm.model, test))
     cnn_layers = [i.path for i in layer_inventory(sm.model) if i.kind == "cnn"]
-    table: dict = {"fp32_test_wer": fp32, "percentile": PERCENTILE, "bits": {}}
+    table: dict = {"fp32_test_wer": fp32_errors.wer, "percentile": PERCENTILE, "test_utterances": len(test_ids),
+                   "test_words": int(fp32_errors.words.sum()), "resamples": resamples, "bits": {}}
+    subsets = {name: [k for k, i in enumerate(test_ids) if i in ids] for name, ids in (subsets or {}).items()}
+    for name, rows in subsets.items():
+        if not rows:
+            raise ValueError(f"test subset {name!r} shares no utterance with the test set")
     for b in bits:
         settings = Settings(wbits=b, abits=b, gamma=gamma, num_bins=num_bins)
         if grid is not None:
             settings.grid = list(grid)
-        state = Path(out_dir) / f"state_w{b}a{b}.json" if out_dir else None
-        result = run_stablequant(sm, calib, dev, settings, state_path=state, resume=resume)
-        model = result.model.model
+        state = (lambda tag: Path(out_dir) / f"state_{tag}_w{b}a{b}.json") if out_dir else (lambda tag: None)
+        paper = run_stablequant(sm, calib, dev, settings, state_path=state("paper"), resume=resume)
+        default = run_layerwise(sm, calib, dev, settings, state_path=state("default"), resume=resume)
+        model = paper.model.model
         acts = activation_quantizers(model)
         quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
         # only the quantizers the config enabled (output / norm quantizers stay off)
         cnn_quantizers = [n for n, q in quantizers.items()
                           if q.is_enabled and any(n.startswith(p + ".") for p in cnn_layers)]
 
-        def wer_with(amax: dict[str, float], tr_only: bool = False) -> float:
+        def errors_with(amax: dict[str, float], tr_only: bool = False) -> UtteranceErrors:
             for n, a in amax.items():
                 acts[n].amax = a
             for n in cnn_quantizers:
                 quantizers[n].disable() if tr_only else quantizers[n].enable()
             try:
                 with fast_fake_quant(model):
-                    return score(sm, model, test_scorer)
+                    return test_scorer.errors(outputs(model, test))
             finally:
                 for n in cnn_quantizers:
                     quantizers[n].enable()
 
-        row: dict = {"clipped_layers": result.marked, "p_opt": result.p_opt, "dev_wer": result.final_wer}
-        methods = ["max", "percentile", "mse", "entropy"]
-        jobs = [(m, False) for m in methods] + [("max", True), ("percentile", True), ("stablequant", False)]
+        errors = {"fp32": fp32_errors}
+        row: dict = {"clipped_layers": paper.marked, "p_opt": paper.p_opt, "dev_wer": default.final_wer,
+                     "paper_dev_wer": paper.final_wer,
+                     "layer_calibrators": {c.quantizer: c.chosen for c in default.layers},
+                     "weight_calibrator": default.weight_calibrator}
+        jobs = [(m, False) for m in BASELINES] + [("max", True), ("percentile", True), ("stablequant_paper", False)]
         for method, tr_only in tqdm(jobs, desc=f"compare W{b}A{b} on test", leave=False):
-            amax = result.amax if method == "stablequant" else {
+            amax = paper.amax if method == "stablequant_paper" else {
                 n: baseline_amax(q._calibrator, method) for n, q in acts.items()}
             key = f"{method}_tr_only" if tr_only else method
-            row[key] = wer_with(amax, tr_only)
-        wer_with(result.amax)  # leave the model as StableQuant chose
+            errors[key] = errors_with(amax, tr_only)
+        errors_with(paper.amax)  # leave the model as the paper's recipe chose
+        with fast_fake_quant(default.model.model):
+            errors["stablequant"] = test_scorer.errors(outputs(default.model.model, test))
+        row.update({k: e.wer for k, e in errors.items() if k != "fp32"})
+        systems = {k: e for k, e in errors.items() if not k.endswith("_tr_only")}
+        row["intervals"] = intervals(systems, "fp32", [*BASELINES, "stablequant_paper"], resamples, seed)
+        row["subsets"] = {name: {k: _subset(e, rows).wer for k, e in systems.items()}
+                          for name, rows in subsets.items()}
         table["bits"][str(b)] = row
     return table
+
+
+def _subset(errors: UtteranceErrors, rows: list[int]) -> UtteranceErrors:
+    return UtteranceErrors(*(getattr(errors, k)[rows] for k in UtteranceErrors.__dataclass_fields__))

@@ -9,7 +9,11 @@ import numpy as np
 from calibrators import percentile_amax
 
 from .atomic import atomic_output, write_json_atomic, write_text_atomic
+from .layerwise import LayerwiseResult
 from .stablequant import StableQuantResult
+
+SYSTEM_NAMES = {"fp32": "fp32", "max": "Max", "percentile": "Percentile", "mse": "MSE", "entropy": "Entropy",
+                "stablequant_paper": "StableQuant (paper recipe)", "stablequant": "StableQuant (default recipe)"}
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -26,27 +30,102 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def quantize_markdown(result: StableQuantResult, meta: dict) -> str:
+def short_layer(name: str) -> str:
+    """One way to show a layer everywhere: the module path without the model prefix/quantizer."""
+    name = name.removesuffix(".input_quantizer")
+    for prefix in ("wav2vec2.", "hubert.", "wavlm.", "data2vec_audio."):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def ci_text(ci: dict | None) -> str:
+    """``+0.42 [-0.10, +0.95]`` with ``(n.s.)`` when the interval contains 0."""
+    if not ci:
+        return "-"
+    mark = "" if ci["significant"] else " (n.s.)"
+    return f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]{mark}"
+
+
+def dev_summary(meta: dict) -> str:
+    """fp32, the uniform baselines and the recipe on dev, with intervals against fp32 and the best."""
+    dev, ci = meta["dev"], meta["dev_intervals"]
+    rows = [[SYSTEM_NAMES.get(k, k), v["wer"], v["cer"], f"{v['word_errors']}/{v['words']}",
+             ci_text(ci.get(k, {}).get("vs_fp32")), ci_text(ci.get(k, {}).get("vs_best_baseline"))]
+            for k, v in dev.items()]
+    return "\n".join([
+        markdown_table(["system", "dev WER %", "dev CER %", "word errors", "Δ vs fp32 [95 % CI]",
+                        f"Δ vs best baseline ({SYSTEM_NAMES.get(ci['best_baseline'])}) [95 % CI]"], rows),
+        "",
+        f"Intervals: paired bootstrap over dev utterances ({_resamples(ci)} resamples, seeded); "
+        "(n.s.) = the interval contains 0, the difference is not significant. Baselines: one method "
+        "for every activation quantizer, per-channel max weights.",
+    ])
+
+
+def _resamples(ci: dict) -> int:
+    return next((v["resamples"] for entry in ci.values() if isinstance(entry, dict) for v in entry.values()), 0)
+
+
+def quantize_markdown(result, meta: dict) -> str:
+    if isinstance(result, LayerwiseResult):
+        return layerwise_markdown(result, meta)
+    return paper_markdown(result, meta)
+
+
+def layerwise_markdown(result: LayerwiseResult, meta: dict) -> str:
+    s = result.settings
+    starts = markdown_table(
+        ["activations / weights", "dev KL to fp32", "dev WER %"],
+        [[k, f"{v['kl']:.5f}", v["wer"]] for k, v in result.starts.items()])
+    layers = markdown_table(
+        ["layer", "kind", "chosen calibrator", "amax", "dev KL after", "candidates tried (KL)"],
+        [[short_layer(c.layer), c.kind, c.chosen, f"{c.amax:.4g}", f"{c.kl[c.chosen]:.5f}",
+          ", ".join(f"{k} {v:.4f}" for k, v in sorted(c.kl.items(), key=lambda kv: kv[1]))]
+         for c in result.layers])
+    return "\n".join([
+        f"# StableQuant report: {meta.get('model')} ({meta.get('arch')}), default recipe",
+        "",
+        f"W{s['wbits']}A{s['abits']}, {s['num_bins']} histogram bins; calibration {meta.get('calib_utterances')} "
+        f"utts, dev {meta.get('dev_utterances')} utts; {result.evaluations} dev evaluations in "
+        f"{meta.get('seconds')} s. Decisions minimise the dev KL divergence of the output distribution "
+        "from fp32 (`--recipe paper` for the published algorithm).",
+        "",
+        dev_summary(meta),
+        "",
+        f"**Start:** {result.start} (dev KL {result.starts[result.start]['kl']:.5f}) → "
+        f"**final dev KL {result.final_kl:.5f}**; weights: per-channel {result.weight_calibrator}.",
+        "",
+        "## Uniform starts (every activation quantizer one method)",
+        "",
+        starts,
+        "",
+        "## Per-layer calibrator search (model order, each layer's candidates with the others as chosen)",
+        "",
+        layers,
+        "",
+        "Re-apply with `mtq.quantize(model, json.load(open('modelopt_config.json')), forward_loop)` "
+        "after `import sq_plugin`.",
+        "",
+    ])
+
+
+def paper_markdown(result: StableQuantResult, meta: dict) -> str:
     s = result.settings
     stage1 = markdown_table(
         ["layer", "kind", "MAX amax", "dev WER %", "ΔWER", "marked"],
-        [[r.layer, r.kind, f"{r.amax_max:.4g}", r.wer, f"{r.delta:+.2f}", "yes" if r.marked else ""]
-         for r in result.stage1],
+        [[short_layer(r.layer), r.kind, f"{r.amax_max:.4g}", r.wer, f"{r.delta:+.2f}",
+          "**yes**" if r.marked else ""] for r in result.stage1],
     )
-    summary = markdown_table(
-        ["", "dev WER %"],
-        [["fp32", result.float_wer], [f"StableQuant W{s['wbits']}A{s['abits']}", result.final_wer]],
-    )
-    marked = ", ".join(r.layer for r in result.stage1 if r.marked) or "(none)"
+    marked = ", ".join(short_layer(r.layer) for r in result.stage1 if r.marked) or "(none)"
     return "\n".join([
-        f"# StableQuant report: {meta.get('model')} ({meta.get('arch')})",
+        f"# StableQuant report: {meta.get('model')} ({meta.get('arch')}), paper recipe",
         "",
         f"W{s['wbits']}A{s['abits']}, γ = {s['gamma']} WER points, cut-off grid "
         f"{s['grid'][0]}..{s['grid'][-1]} ({len(s['grid'])} points), {s['num_bins']} histogram bins; "
         f"calibration {meta.get('calib_utterances')} utts, dev {meta.get('dev_utterances')} utts; "
         f"{result.evaluations} dev evaluations in {meta.get('seconds')} s.",
         "",
-        summary,
+        dev_summary(meta),
         "",
         f"**Clipped layers (Stage 1):** {marked}  ",
         f"**Chosen cut-off p_opt:** {result.p_opt} %",
@@ -72,7 +151,8 @@ def plot_activation_ranges(result: StableQuantResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = {r.quantizer: r.kind for r in result.stage1}
+    rows = result.stage1 if isinstance(result, StableQuantResult) else result.layers
+    kinds = {r.quantizer: r.kind for r in rows}
     names = list(result.histograms)
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4))
     colors = {"cnn": "tab:red", "pos_conv": "tab:orange", "transformer": "tab:blue", "head": "tab:green"}
@@ -91,8 +171,14 @@ def plot_activation_ranges(result: StableQuantResult, path: Path) -> None:
             ax.plot([], [], color=c, lw=5, label=kind)
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([n.replace(".input_quantizer", "").split(".", 1)[-1] for n in names],
-                       rotation=90, fontsize=6)
+    labels = ax.set_xticklabels([short_layer(n) for n in names], rotation=90, fontsize=8)
+    marked = set(getattr(result, "marked", ()))
+    for label, name in zip(labels, names):  # Stage-1 marked layers (paper recipe) in bold red
+        if name in marked:
+            label.set_color("tab:red")
+            label.set_fontweight("bold")
+    ax.set_xlabel("quantized layer (input activation), model order" + (" — marked layers in bold red" if marked else ""),
+                  fontsize=9)
     ax.set_ylabel("|activation| (median–p99 bar, p99.99 tick, max ▲)")
     ax.set_title("Activation ranges by layer (input of each quantized layer)")
     ax.legend(fontsize=7)
@@ -119,7 +205,7 @@ def plot_wer_vs_cutoff(result: StableQuantResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_quantize_outputs(out_dir: Path, result: StableQuantResult, meta: dict) -> str:
+def write_quantize_outputs(out_dir: Path, result, meta: dict) -> str:
     import modelopt.torch.opt as mto
 
     out_dir = Path(out_dir)
@@ -128,7 +214,8 @@ def write_quantize_outputs(out_dir: Path, result: StableQuantResult, meta: dict)
     md = quantize_markdown(result, meta)
     write_text_atomic(out_dir / "report.md", md)
     plot_activation_ranges(result, out_dir / "activation_ranges.png")
-    plot_wer_vs_cutoff(result, out_dir / "wer_vs_cutoff.png")
+    if isinstance(result, StableQuantResult):
+        plot_wer_vs_cutoff(result, out_dir / "wer_vs_cutoff.png")
     with atomic_output(out_dir / "model.pth") as tmp:
         mto.save(result.model.model, tmp)
     return md
@@ -137,24 +224,42 @@ def write_quantize_outputs(out_dir: Path, result: StableQuantResult, meta: dict)
 def compare_markdown(table: dict) -> str:
     bits = list(table["bits"])
     fp32 = table["fp32_test_wer"]
+    methods = ["max", "percentile", "mse", "entropy", "stablequant_paper", "stablequant"]
     t1 = markdown_table(
         ["precision", "TR-layers MAX", "All-layers MAX", "TR-layers Pct", "All-layers Pct"],
         [["fp32", fp32, fp32, fp32, fp32]] + [
             [f"W{b}A{b}", r["max_tr_only"], r["max"], r["percentile_tr_only"], r["percentile"]]
             for b, r in table["bits"].items()],
     )
+
+    def best_mark(r, m):
+        wer = r[m]
+        return f"**{wer:.2f}**" if wer == min(r[k] for k in methods) else f"{wer:.2f}"
+
     t2 = markdown_table(
-        ["precision", "clipped layers", "p_opt", "Max", f"Percentile ({table['percentile']})", "MSE",
-         "Entropy", "StableQuant"],
-        [[f"W{b}A{b}", ", ".join(n.replace(".input_quantizer", "").split("feature_extractor.")[-1]
-                                 for n in r["clipped_layers"]) or "-", r["p_opt"],
-          r["max"], r["percentile"], r["mse"], r["entropy"], r["stablequant"]]
-         for b, r in table["bits"].items()],
+        ["precision", "Max", f"Percentile ({table['percentile']})", "MSE", "Entropy", "StableQuant (paper)",
+         "StableQuant (default)"],
+        [[f"W{b}A{b}", *(best_mark(r, m) for m in methods)] for b, r in table["bits"].items()],
     )
-    return "\n".join([
+    ci_rows = []
+    for b, r in table["bits"].items():
+        best = r["intervals"]["best_baseline"]
+        for m in methods:
+            ci = r["intervals"][m]
+            ci_rows.append([f"W{b}A{b}", SYSTEM_NAMES[m], r[m], ci_text(ci["vs_fp32"]),
+                            ci_text(ci.get("vs_best_baseline")) if m != best else "(best baseline)"])
+    t3 = markdown_table(["precision", "method", "test WER %", "Δ vs fp32 [95 % CI]",
+                         "Δ vs best baseline [95 % CI]"], ci_rows)
+    choices = markdown_table(
+        ["precision", "paper: clipped layers", "paper: p_opt", "default: weights", "default: calibrators chosen"],
+        [[f"W{b}A{b}", ", ".join(short_layer(n) for n in r["clipped_layers"]) or "-", r["p_opt"],
+          r["weight_calibrator"], _count(r["layer_calibrators"].values())] for b, r in table["bits"].items()])
+    parts = [
         f"# Calibration methods compared: {table.get('model')}",
         "",
-        f"Test-set WER %. fp32: {fp32:.2f}. Layers and p_opt chosen on the dev set. Bits: {', '.join(bits)}.",
+        f"Test-set WER %, {table.get('test_utterances')} utterances ({table.get('test_words')} words; one word "
+        f"= {100 / max(table.get('test_words') or 1, 1):.2f} points). fp32: {fp32:.2f}. Every choice made "
+        f"on the dev set. Bits: {', '.join(bits)}. Best of each row in bold.",
         "",
         "## Table I: Transformer layers only vs all layers",
         "",
@@ -164,7 +269,34 @@ def compare_markdown(table: dict) -> str:
         "",
         t2,
         "",
-    ])
+        "## Differences with 95 % intervals",
+        "",
+        f"Paired bootstrap over test utterances ({table.get('resamples')} resamples, seeded). "
+        "Best baseline: the lowest test WER among Max, Percentile, MSE, Entropy and the paper recipe. "
+        "(n.s.): the interval contains 0.",
+        "",
+        t3,
+        "",
+        "## What each recipe chose",
+        "",
+        choices,
+        "",
+    ]
+    subsets = {name for r in table["bits"].values() for name in r.get("subsets", {})}
+    if subsets:
+        rows = [[f"W{b}A{b}", name, *(r["subsets"][name][m] for m in ["fp32", *methods])]
+                for b, r in table["bits"].items() for name in sorted(r.get("subsets", {}))]
+        parts += ["## Test subsets (test WER %)", "",
+                  markdown_table(["precision", "subset", "fp32", "Max", "Percentile", "MSE", "Entropy",
+                                  "StableQuant (paper)", "StableQuant (default)"], rows), ""]
+    return "\n".join(parts)
+
+
+def _count(values) -> str:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{k} ×{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def write_compare_outputs(out_dir: Path, table: dict) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .asr import decode_logits, forward_logits, wer_cer
+from .asr import UtteranceErrors, decode_logits, forward_logits, utterance_errors
 from .atomic import write_json_atomic
 from .fastquant import fast_fake_quant
 from .models import SpeechModel, layer_inventory
@@ -100,13 +100,17 @@ class StableQuantResult:
     config: dict
     evaluations: int  # model evaluations actually run (after reuse)
     seconds: dict[str, float]  # wall time per phase: calibrate, float, stage1, stage2
+    dev_errors: dict[str, dict] = field(default_factory=dict)  # fp32 / final per-utterance edits
+    recipe: str = "paper"
     model: SpeechModel | None = None  # the quantized model (not serialised)
     histograms: dict | None = None  # quantizer -> (counts, edges) for plots (not serialised)
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("model"), d.pop("histograms")
-        return d
+        """Every field but the model and histograms (asdict would deep-copy the model first)."""
+        skip = ("model", "histograms")
+        return {name: [asdict(v) for v in value] if name == "stage1" else value
+                for name in self.__dataclass_fields__ if name not in skip
+                for value in [getattr(self, name)]}
 
 
 class DevScorer:
@@ -120,11 +124,15 @@ class DevScorer:
         if any(not r.strip() for r in self.refs):
             raise ValueError("the dev set has empty reference transcripts")
 
-    def wer(self, logits: Sequence[torch.Tensor]) -> float:
+    def errors(self, logits: Sequence[torch.Tensor]) -> UtteranceErrors:
+        """Per-utterance word/char edits of the transcripts decoded from ``logits``."""
         if len(logits) != len(self.batches):
             raise ValueError(f"{len(logits)} outputs for {len(self.batches)} dev batches")
         hyps = [h for out, batch in zip(logits, self.batches) for h in decode_logits(self.sm, out, batch)]
-        return wer_cer(self.refs, hyps)[0]
+        return utterance_errors(self.refs, hyps)
+
+    def wer(self, logits: Sequence[torch.Tensor]) -> float:
+        return self.errors(logits).wer
 
 
 class StateFile:
@@ -133,7 +141,8 @@ class StateFile:
     def __init__(self, path: str | Path | None, fingerprint: dict, resume: bool):
         self.path = Path(path) if path else None
         self.fingerprint = fingerprint
-        self.data: dict = {"fingerprint": fingerprint, "float_wer": None, "stage1": {}, "stage2": {}}
+        self.data: dict = {"fingerprint": fingerprint, "float_wer": None, "stage1": {}, "stage2": {},
+                           "errors": {}}
         if self.path and self.path.exists():
             if not resume:
                 raise FileExistsError(f"{self.path} exists: pass --resume to continue that run, or use another --out")
@@ -259,7 +268,11 @@ def run_stablequant(
         # float reference (all quantizers off)
         if state.data["float_wer"] is None:
             only(set())
-            state.data["float_wer"] = evaluate(None)
+            evaluations += 1
+            with torch.inference_mode():
+                errors = scorer.errors(runner.run(None))
+            state.data["float_wer"] = errors.wer
+            state.data["errors"]["fp32"] = errors.to_json()
             state.save()
         float_wer = state.data["float_wer"]
         lap("float")
@@ -313,6 +326,11 @@ def run_stablequant(
         p_opt = s.grid[k_opt]
         for n in marked:
             acts[n].amax = grids[n][k_opt]
+        if "stablequant_paper" not in state.data["errors"]:  # per-utterance edits, for intervals
+            with folded_weight_quantizers(model), torch.inference_mode():
+                final = scorer.errors([forward_logits(model, b) for b in dev_batches])
+            state.data["errors"]["stablequant_paper"] = final.to_json()
+            state.save()
         lap("stage2")
 
     config = stablequant_config(s.wbits, s.abits, cutoff=p_opt, clip_layers=marked, num_bins=s.num_bins)
@@ -321,5 +339,6 @@ def run_stablequant(
     return StableQuantResult(
         settings=asdict(s), float_wer=float_wer, stage1=stage1, marked=marked, stage2=stage2,
         p_opt=p_opt, final_wer=stage2[str(p_opt)], amax=amax, config=config,
-        evaluations=evaluations, seconds=seconds, model=qsm, histograms=histograms,
+        evaluations=evaluations, seconds=seconds, dev_errors=dict(state.data["errors"]), model=qsm,
+        histograms=histograms,
     )

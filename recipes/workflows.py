@@ -55,8 +55,11 @@ def prepare_out_dir(out: str, overwrite: bool, resume: bool) -> Path:
 
 
 def run_quantize(args) -> dict:
+    from .compare import intervals, uniform_dev_errors
+    from .asr import UtteranceErrors
+    from .layerwise import run_layerwise
     from .report import write_quantize_outputs
-    from .stablequant import Settings, run_stablequant
+    from .stablequant import DevScorer, Settings, run_stablequant
 
     torch.manual_seed(args.seed)
     sm = resolve_model(args.model)
@@ -66,10 +69,21 @@ def run_quantize(args) -> dict:
     settings = Settings(wbits=args.wbits or args.bits, abits=args.bits, gamma=args.gamma,
                         grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
     start = time.perf_counter()
-    result = run_stablequant(sm, calib, dev, settings, state_path=out_dir / "state.json", resume=args.resume)
+    recipe = run_layerwise if args.recipe == "default" else run_stablequant
+    result = recipe(sm, calib, dev, settings, state_path=out_dir / "state.json", resume=args.resume)
     elapsed = time.perf_counter() - start
-    meta = {"model": str(args.model), "arch": sm.arch, "calib_utterances": calib.num_utterances,
-            "dev_utterances": dev.num_utterances, "seconds": round(elapsed, 1)}
+    # dev WER of each uniform baseline and paired bootstrap intervals, for the report
+    errors = {"fp32": UtteranceErrors.from_json(result.dev_errors["fp32"]),
+              **uniform_dev_errors(result, DevScorer(sm, dev))}
+    final = "stablequant" if args.recipe == "default" else "stablequant_paper"
+    errors[final] = UtteranceErrors.from_json(result.dev_errors[final])
+    meta = {"model": str(args.model), "arch": sm.arch, "recipe": args.recipe,
+            "calib_utterances": calib.num_utterances, "dev_utterances": dev.num_utterances,
+            "seconds": round(elapsed, 1),
+            "dev": {k: {"wer": e.wer, "cer": e.cer, "words": int(e.words.sum()),
+                        "word_errors": int(e.word_edits.sum())} for k, e in errors.items()},
+            "dev_intervals": intervals(errors, "fp32", [k for k in errors if k not in ("fp32", final)],
+                                       seed=args.seed)}
     md = write_quantize_outputs(out_dir, result, meta)
     print(md)
     print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, PNG plots)")
@@ -86,8 +100,18 @@ def run_compare(args) -> dict:
     dev = load_batches(args.dev, "dev", sm, args, args.model)
     test = load_batches(args.test, "test", sm, args, args.model)
     out_dir = prepare_out_dir(args.out, args.overwrite, args.resume)
+    subsets = {}
+    for spec in args.subset or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--subset expects NAME=DATA, got {spec!r}")
+        subsets[name] = {u.id for u in open_dataset(path)}
+    if not subsets and args.test is None and args.model == "demo":
+        subsets = {name: {u.id for u in open_dataset(demo_split(f"test_{name}"))}
+                   for name in ("seen", "heldout")}
     table = compare_methods(sm, calib, dev, test, bits=args.bits, gamma=args.gamma, grid=args.grid,
-                            num_bins=args.num_bins, out_dir=out_dir, resume=args.resume)
+                            num_bins=args.num_bins, out_dir=out_dir, resume=args.resume, subsets=subsets,
+                            seed=args.seed)
     table["model"] = str(args.model)
     md = write_compare_outputs(out_dir, table)
     print(md)

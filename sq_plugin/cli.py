@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="run StableQuant (Algorithm 1) and write a ModelOpt config + report")
     _add_common(q, ("calib", "dev"))
+    q.add_argument("--recipe", choices=["default", "paper"], default="default",
+                   help="default: best calibrator per layer by dev logit divergence to fp32 (see README); "
+                        "paper: Algorithms 1 and 2 exactly as published (default: %(default)s)")
     q.add_argument("--bits", type=int, default=8, help="bits for weights and activations")
     q.add_argument("--wbits", type=int, default=None, help="weight bits (default: --bits)")
     q.add_argument("--gamma", type=float, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
@@ -56,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gamma", type=float, default=0.25)
     c.add_argument("--grid", type=_grid, default=DEFAULT_GRID)
     c.add_argument("--num-bins", type=int, default=2048)
+    c.add_argument("--subset", action="append", default=None, metavar="NAME=DATA",
+                   help="also report WER on the test utterances listed in DATA (repeatable); "
+                        "--model demo: training voices vs held-out voices")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--resume", action="store_true")

@@ -16,7 +16,7 @@ from modelopt.torch.quantization.config import QuantizeAlgorithmConfig
 from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, CalibrateModeRegistry
 from modelopt.torch.quantization.nn import TensorQuantizer
 
-from calibrators import HistogramCalibratorBase, StableQuantCalibrator
+from calibrators import HistogramCalibratorBase, StableQuantCalibrator, per_channel_mse_amax
 
 METHOD = "stablequant"
 
@@ -38,6 +38,13 @@ class StableQuantCalibConfig(QuantizeAlgorithmConfig):
     )
     num_bins: int = ModeloptField(2048, ge=16, title="Histogram bins per activation quantizer.")
     mse: bool = ModeloptField(True, title="Pick the MSE-optimal scale within the kept range.")
+    layer_calibrators: dict[str, dict] = ModeloptField(
+        {}, title="fnmatch pattern -> {'calibrator': registered name, **its kwargs}; the last "
+        "matching pattern wins over cutoff/clip_layers for that activation quantizer."
+    )
+    weight_calibrator: Literal["max", "mse"] = ModeloptField(
+        "max", title="Per-channel weight amax: max |w|, or the MSE-optimal clip of each channel."
+    )
 
 
 def is_weight_quantizer(name: str) -> bool:
@@ -73,16 +80,37 @@ def match_clip_layers(names: list[str], patterns: list[str]) -> set[str]:
     return matched
 
 
+def _layer_calibrator(name: str, layer_calibrators: dict[str, dict]) -> tuple[str, dict] | None:
+    """(registered name, kwargs) of the last ``layer_calibrators`` pattern matching ``name``."""
+    spec = None
+    for pattern, entry in layer_calibrators.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            spec = entry
+    if spec is None:
+        return None
+    kwargs = dict(spec)
+    return kwargs.pop("calibrator", "stablequant"), kwargs
+
+
 def install_stablequant_calibrators(
     model: nn.Module,
     cutoff: float = 0.0,
     clip_layers: list[str] | tuple[str, ...] = (),
     num_bins: int = 2048,
     mse: bool = True,
-) -> dict[str, StableQuantCalibrator]:
-    """Give every activation quantizer a StableQuantCalibrator with the quantizer's own bits."""
+    layer_calibrators: dict[str, dict] | None = None,
+) -> dict[str, HistogramCalibratorBase]:
+    """Give every activation quantizer a histogram calibrator with the quantizer's own bits.
+
+    StableQuantCalibrator (cut-off for ``clip_layers``) unless a ``layer_calibrators`` entry
+    names another registered calibrator for it.
+    """
+    from .registry import calibrator_class
+
     quantizers = activation_quantizers(model)
     clipped = match_clip_layers(list(quantizers), list(clip_layers))
+    layer_calibrators = dict(layer_calibrators or {})
+    match_clip_layers(list(quantizers), list(layer_calibrators))  # every pattern must match
     installed = {}
     for name, q in quantizers.items():
         if q._axis is not None or q.block_sizes:
@@ -90,16 +118,51 @@ def install_stablequant_calibrators(
                 f"{name}: StableQuant calibrates per-tensor activations; this quantizer has "
                 f"axis={q._axis} block_sizes={q.block_sizes}"
             )
-        cal = StableQuantCalibrator(
-            num_bits=q._num_bits,
-            unsigned=q._unsigned,
-            num_bins=num_bins,
-            cutoff=cutoff if name in clipped else 0.0,
-            mse=mse,
-        )
+        chosen = _layer_calibrator(name, layer_calibrators)
+        if chosen is None:
+            cal = StableQuantCalibrator(
+                num_bits=q._num_bits,
+                unsigned=q._unsigned,
+                num_bins=num_bins,
+                cutoff=cutoff if name in clipped else 0.0,
+                mse=mse,
+            )
+        else:
+            cls_name, kwargs = chosen
+            try:
+                cal = calibrator_class(cls_name)(num_bits=q._num_bits, unsigned=q._unsigned,
+                                                 num_bins=num_bins, **kwargs)
+            except TypeError as e:
+                raise ValueError(f"{name}: bad layer_calibrators entry {chosen}: {e}") from None
         q._calibrator = cal
         installed[name] = cal
     return installed
+
+
+def weight_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, TensorQuantizer]]:
+    """Enabled weight quantizers by module path, with the module whose ``weight`` they quantize."""
+    return {
+        name: (module, module.weight_quantizer)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight_quantizer", None), TensorQuantizer)
+        and module.weight_quantizer.is_enabled
+        and getattr(module, "weight", None) is not None
+    }
+
+
+def set_mse_weight_amax(model: nn.Module) -> None:
+    """Replace each per-channel max weight amax by the channel's MSE-optimal clip."""
+    for name, (module, q) in weight_quantizers(model).items():
+        if q.amax is None or q.amax.numel() == 1:
+            raise ValueError(f"{name}: weight_calibrator 'mse' needs per-channel weight quantizers (axis=0)")
+        q.amax = per_channel_mse_amax(module.weight, q.amax.reshape(_amax_shape(q, module.weight)),
+                                      q.num_bits, q.unsigned).reshape(q.amax.shape)
+
+
+def _amax_shape(q: TensorQuantizer, weight) -> tuple[int, ...]:
+    """ModelOpt keeps per-channel amax as [C, 1] for any weight rank; broadcastable form here."""
+    return tuple(n if d == (q.axis if isinstance(q.axis, int) else q.axis[0]) % weight.dim() else 1
+                 for d, n in enumerate(weight.shape))
 
 
 def stablequant_calibrate(
@@ -109,13 +172,17 @@ def stablequant_calibrate(
     clip_layers: list[str] | tuple[str, ...] = (),
     num_bins: int = 2048,
     mse: bool = True,
+    layer_calibrators: dict[str, dict] | None = None,
+    weight_calibrator: str = "max",
     **_ignored,
 ) -> None:
     """Algorithm 2 on every activation quantizer, driven by ModelOpt's max-calibration loop."""
     if forward_loop is None:
         raise ValueError("the 'stablequant' algorithm needs a forward_loop with calibration data")
-    install_stablequant_calibrators(model, cutoff, clip_layers, num_bins, mse)
+    install_stablequant_calibrators(model, cutoff, clip_layers, num_bins, mse, layer_calibrators)
     model_calib.max_calibrate(model, forward_loop, distributed_sync=False)
+    if weight_calibrator == "mse":
+        set_mse_weight_amax(model)
 
 
 def _register_mode() -> None:

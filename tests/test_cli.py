@@ -30,19 +30,43 @@ def _quantize_args(ws, out, *extra):
             "--grid", "0,0.1,0.2", "--num-bins", "256", "--out", str(out), *extra]
 
 
+def _check_dev_summary(report, final):
+    dev = report["meta"]["dev"]
+    assert set(dev) == {"fp32", "max", "percentile", "mse", "entropy", final}
+    assert all(v["words"] == dev["fp32"]["words"] > 0 for v in dev.values())
+    ci = report["meta"]["dev_intervals"][final]["vs_fp32"]
+    assert ci["low"] <= ci["diff"] <= ci["high"] and ci["resamples"] >= 1000
+
+
+def test_quantize_paper_recipe_writes_its_stages(workspace):
+    out = workspace / "paper"
+    assert main(_quantize_args(workspace, out, "--recipe", "paper")) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "report.md", "modelopt_config.json", "model.pth", "state.json",
+            "activation_ranges.png", "wer_vs_cutoff.png"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["grid"] == [0.0, 0.1, 0.2] and report["meta"]["recipe"] == "paper"
+    assert len(report["stage1"]) > 10 and set(report["stage2"]) == {"0.0", "0.1", "0.2"}
+    _check_dev_summary(report, "stablequant_paper")
+    assert "| layer | kind | MAX amax |" in (out / "report.md").read_text()
+
+
 def test_quantize_writes_reports_and_refuses_existing_dir(workspace, capsys):
     out = workspace / "run"
     assert main(_quantize_args(workspace, out)) == 0
     names = {p.name for p in out.iterdir()}
     assert {"report.json", "report.md", "modelopt_config.json", "model.pth", "state.json",
-            "activation_ranges.png", "wer_vs_cutoff.png"} <= names
+            "activation_ranges.png"} <= names
     report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["grid"] == [0.0, 0.1, 0.2]
-    assert len(report["stage1"]) > 10 and set(report["stage2"]) == {"0.0", "0.1", "0.2"}
+    assert report["meta"]["recipe"] == "default" and report["recipe"] == "default"
+    assert len(report["layers"]) > 10 and report["final_kl"] <= min(v["kl"] for v in report["starts"].values())
+    _check_dev_summary(report, "stablequant")
     assert (out / "activation_ranges.png").read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "modelopt_config.json").read_text())
     assert config["algorithm"]["method"] == "stablequant"
-    assert "| layer | kind |" in (out / "report.md").read_text()
+    assert len(config["algorithm"]["layer_calibrators"]) == len(report["layers"])
+    md = (out / "report.md").read_text()
+    assert "| layer | kind | chosen calibrator |" in md and "Δ vs fp32 [95 % CI]" in md
 
     (out / "my_notes.txt").write_text("mine")
     assert main(_quantize_args(workspace, out)) == 2

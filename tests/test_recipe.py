@@ -21,6 +21,7 @@ from recipes.data import make_batches, open_dataset
 from recipes.models import random_model, remove_weight_norm
 from recipes.qconfig import calibration_loop, quantize_copy, stablequant_config
 from recipes.reuse import PrefixRunner
+from recipes.layerwise import run_layerwise
 from recipes.stablequant import DevScorer, Settings, parse_grid, run_stablequant
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
@@ -108,7 +109,7 @@ def test_resume_after_kill_gives_same_result(setup, tmp_path, monkeypatch):
     reference = run_stablequant(sm, calib, dev, settings, progress=False)
     state = tmp_path / "state.json"
     calls = {"n": 0}
-    real = DevScorer.wer
+    real = DevScorer.errors
 
     def dying(self, logits):
         calls["n"] += 1
@@ -116,10 +117,10 @@ def test_resume_after_kill_gives_same_result(setup, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(self, logits)
 
-    monkeypatch.setattr(DevScorer, "wer", dying)
+    monkeypatch.setattr(DevScorer, "errors", dying)
     with pytest.raises(KeyboardInterrupt):
         run_stablequant(sm, calib, dev, settings, state_path=state, progress=False)
-    monkeypatch.setattr(DevScorer, "wer", real)
+    monkeypatch.setattr(DevScorer, "errors", real)
     saved = json.loads(state.read_text())
     assert len(saved["stage1"]) == 6  # float + 6 layers finished before the kill
     with pytest.raises(FileExistsError, match="--resume"):
@@ -169,4 +170,10 @@ def test_compare_rows_match_independent_modelopt_runs(setup):
     assert row["max"] == fresh_wer({"quant_cfg": quant_cfg(8, 8), "algorithm": "max"})
     assert row["max_tr_only"] == fresh_wer({"quant_cfg": quant_cfg(8, 8, disable=[CNN_PATTERN]), "algorithm": "max"})
     sq = run_stablequant(sm, calib, dev, Settings(grid=GRID, num_bins=256), progress=False)
-    assert row["stablequant"] == fresh_wer(sq.config)
+    assert row["stablequant_paper"] == fresh_wer(sq.config)
+    default = run_layerwise(sm, calib, dev, Settings(grid=GRID, num_bins=256), progress=False)
+    assert row["stablequant"] == fresh_wer(default.config)
+    # intervals: every system against fp32; the best baseline by test WER
+    best = row["intervals"]["best_baseline"]
+    assert row[best] == min(row[m] for m in ("max", "percentile", "mse", "entropy", "stablequant_paper"))
+    assert set(row["intervals"]["stablequant"]) == {"vs_fp32", "vs_best_baseline"}
