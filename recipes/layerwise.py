@@ -8,14 +8,14 @@ What it adds to the paper (``--recipe paper``, :mod:`recipes.stablequant`):
    the paper's argmin over 51 cut-offs picks noise; the KL over every dev frame changes smoothly
    with the scales and needs no transcripts to be right.
 2. **A start no worse than any baseline.** Every activation quantizer is first set by one uniform
-   method (max, percentile 99.99, MSE, entropy), with weights per-channel max or per-channel
-   MSE-optimal; the combination with the lowest dev KL is the start.
-3. **The best calibrator per layer.** Then, in model order, each activation quantizer tries every
-   candidate scale from its one histogram (max, percentiles, MSE, entropy, StableQuant cut-off + MSE
-   at several p) with all other layers quantized as currently chosen, and keeps the best. The float
-   prefix cache (:class:`recipes.reuse.PrefixRunner`) serves the already decided layers before it,
-   so each candidate costs one suffix forward. The score never rises: the result is at most the
-   best uniform baseline's dev KL.
+   method (max, percentile 99.99, MSE, entropy; weights per-channel max), then the best of them
+   with per-channel MSE-optimal weights; the lowest dev KL is the start.
+3. **The best calibrator per layer.** Then, in model order, each activation quantizer walks its
+   candidate scales from its one histogram (max, percentiles, MSE, entropy, StableQuant cut-off +
+   MSE at several p), ordered by amax, from the current one while the dev KL falls, with every
+   other layer quantized as currently chosen. The prefix cache (:class:`recipes.reuse.PrefixRunner`)
+   serves the already decided layers before it, so each candidate costs one suffix forward. The
+   score never rises: the result is at most the best uniform baseline's dev KL.
 
 The output is the same kind of plain ModelOpt config as the paper's (``"layer_calibrators"`` names a
 registered calibrator per quantizer, ``"weight_calibrator"`` the weight scales); ``mtq.quantize``
@@ -57,7 +57,6 @@ CANDIDATES = UNIFORM + (
     ("percentile", {"percentile": 99.999}),
     *(("stablequant", {"cutoff": p}) for p in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)),
 )
-WEIGHT_METHODS = ("max", "mse")
 
 
 def spec_label(name: str, kwargs: dict) -> str:
@@ -222,20 +221,26 @@ def run_layerwise(
             q.enable() if n in enabled else q.disable()
         lap("float")
 
-        # Uniform starts: one method for every activation quantizer x weight max / MSE.
-        for w_method in WEIGHT_METHODS:
-            set_weights(w_method)
-            with folded_weight_quantizers(model):
-                for name, kw in tqdm(UNIFORM, desc=f"uniform starts (weights {w_method})", disable=not progress):
-                    key = f"{spec_label(name, kw)}/{w_method}"
-                    if key not in state.data["starts"]:
-                        for n in acts:
-                            acts[n].amax = candidates[n][spec_label(name, kw)]
-                        logits = outputs(None)
-                        state.data["starts"][key] = {"kl": divergence(logits), "wer": scorer.wer(logits)}
-                        state.data["errors"][key] = scorer.errors(logits).to_json()
-                        state.save()
+        # Uniform starts: one method for every activation quantizer (weights per-channel max),
+        # then the best of them with MSE-optimal weights.
+        def start_run(label: str, w: str) -> None:
+            key = f"{label}/{w}"
+            if key not in state.data["starts"]:
+                set_weights(w)
+                for n in acts:
+                    acts[n].amax = candidates[n][label]
+                with folded_weight_quantizers(model):
+                    logits = outputs(None)
+                errs = scorer.errors(logits)
+                state.data["starts"][key] = {"kl": divergence(logits), "wer": errs.wer}
+                state.data["errors"][key] = errs.to_json()
+                state.save()
+
+        for name, kw in tqdm(UNIFORM, desc="uniform starts", disable=not progress):
+            start_run(spec_label(name, kw), "max")
         starts = state.data["starts"]
+        best_act = min(starts, key=lambda k: (starts[k]["kl"], list(starts).index(k))).rsplit("/", 1)[0]
+        start_run(best_act, "mse")
         start = min(starts, key=lambda k: (starts[k]["kl"], list(starts).index(k)))
         start_label, w_method = start.rsplit("/", 1)
         set_weights(w_method)

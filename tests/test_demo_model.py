@@ -41,3 +41,27 @@ def test_demo_model_reproduces_expected_transcripts():
         with torch.no_grad():
             ids = model(x).logits.argmax(-1)
         assert processor.batch_decode(ids)[0] == utt["hypothesis"], utt["audio"]
+
+
+def test_wer_does_not_depend_on_batch_seconds(tmp_path):
+    """Same transcripts and WER whether utterances go one at a time or grouped (never padded).
+
+    Half the set is cut to one common length so that large budgets really do batch them."""
+    from recipes.evaluate import run_eval
+
+    tsv = demo_data("test")
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()][:12]
+    lines = []
+    for i, (rel, text) in enumerate(rows):
+        audio, sr = sf.read(str(tsv.parent / rel), dtype="float32")
+        if i % 2:
+            audio = audio[: 2 * sr]  # 2 s each; their transcripts are then wrong, which is fine
+        sf.write(tmp_path / f"u{i}.flac", audio, sr)
+        lines.append(f"u{i}.flac\t{text}")
+    (tmp_path / "set.tsv").write_text("\n".join(lines) + "\n")
+    results = {s: run_eval("demo", tmp_path / "set.tsv", batch_seconds=s, progress=False, print_table=False)
+               for s in (1.0, 4.5, 200.0)}
+    ref = results[1.0]
+    for s, r in results.items():
+        assert dict(zip(r["ids"], r["hyps"])) == dict(zip(ref["ids"], ref["hyps"])), s
+        assert (r["wer"], r["cer"]) == (ref["wer"], ref["cer"]), s

@@ -282,3 +282,43 @@ def test_combines_with_smoothquant(tiny):
     # the histogram it searched is that of the smoothed input (its exact max says so)
     assert q._calibrator.histogram.amax == pytest.approx(smoothed.max(), rel=1e-5)
     assert q._calibrator.histogram.total == smoothed.size
+
+
+def test_layer_calibrators_and_mse_weights_in_config(tiny):
+    """Per-quantizer calibrator entries give the named method's amax on the same data (oracle:
+    the pure search on a NumPy histogram); weights get each channel's brute-force MSE clip."""
+    from calibrators import percentile_amax
+
+    model0, audio = tiny
+    model = copy.deepcopy(model0)
+    raw = _captured_inputs(model0, audio)
+    conv1 = CONV0.replace("conv_layers.0", "conv_layers.1")
+    cfg = {"quant_cfg": _quant_cfg(wbits=4),
+           "algorithm": {"method": "stablequant", "num_bins": 256, "weight_calibrator": "mse",
+                         "layer_calibrators": {"*conv_layers.*": {"calibrator": "max"},
+                                               conv1: {"calibrator": "percentile", "percentile": 99.0}}}}
+    mtq.quantize(model, cfg, _loop(audio))
+    q = dict(model.named_modules())
+    values = raw[CONV0.rsplit(".", 1)[0]]
+    assert float(q[CONV0].amax) == pytest.approx(values.max(), rel=1e-6)  # max, not StableQuant
+    v1 = raw[conv1.rsplit(".", 1)[0]]
+    counts, edges = np.histogram(v1, bins=256, range=(0, _bin_width(v1, 256) * 256))
+    expected = percentile_amax(counts.astype(np.int64), edges, float(v1.max()), 99.0)
+    assert abs(float(q[conv1].amax) - expected) <= _bin_width(v1, 256) * 1.001  # last pattern wins
+    # weights: brute force over the same multipliers, channel by channel
+    lin = model.wav2vec2.encoder.layers[0].attention.q_proj
+    w = lin.weight.detach().double()
+    for c in range(0, w.shape[0], 7):
+        top = w[c].abs().max()
+        errs = []
+        for k in range(76):
+            a = top * round(0.25 + 0.01 * k, 2)
+            step = a / 7
+            errs.append((float((((w[c] / step).round().clamp(-7, 7) * step - w[c]) ** 2).sum()), -k, float(a)))
+        assert float(lin.weight_quantizer.amax.flatten()[c]) == pytest.approx(min(errs)[2], rel=1e-5), c
+    with pytest.raises(ValueError, match="match no enabled activation quantizer"):
+        mtq.quantize(copy.deepcopy(model0), {**cfg, "algorithm": {
+            "method": "stablequant", "layer_calibrators": {"*nothing*": {"calibrator": "max"}}}}, _loop(audio))
+    with pytest.raises(ValueError, match="unknown calibrator"):
+        mtq.quantize(copy.deepcopy(model0), {**cfg, "algorithm": {
+            "method": "stablequant", "layer_calibrators": {"*": {"calibrator": "nope"}}}}, _loop(audio))

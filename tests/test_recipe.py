@@ -177,3 +177,71 @@ def test_compare_rows_match_independent_modelopt_runs(setup):
     best = row["intervals"]["best_baseline"]
     assert row[best] == min(row[m] for m in ("max", "percentile", "mse", "entropy", "stablequant_paper"))
     assert set(row["intervals"]["stablequant"]) == {"vs_fp32", "vs_best_baseline"}
+
+
+def _fresh(sm, calib, config):
+    model = remove_weight_norm(copy.deepcopy(sm.model))
+    mtq.quantize(model, json.loads(json.dumps(config)), calibration_loop(calib))
+    return model
+
+
+def test_paper_recipe_stage2_is_algorithm2_at_every_cutoff(setup):
+    """Every Stage-2 WER equals a fresh ModelOpt run of Algorithm 2 at that cut-off: the marked
+    layers clipped at p then MSE, every other activation quantizer MSE, weights max."""
+    sm, calib, dev = setup
+    result = run_stablequant(sm, calib, dev, Settings(grid=GRID, num_bins=256), progress=False)
+    scorer = DevScorer(sm, dev)
+    for p in GRID:
+        model = _fresh(sm, calib, stablequant_config(8, 8, cutoff=p, clip_layers=result.marked, num_bins=256))
+        with torch.inference_mode():
+            assert scorer.wer([forward_logits(model, b) for b in dev]) == result.stage2[str(p)], p
+
+
+def test_default_recipe_monotone_and_config_reproduces(setup):
+    from recipes.layerwise import LogitDivergence
+
+    sm, calib, dev = setup
+    result = run_layerwise(sm, calib, dev, Settings(wbits=6, abits=6, num_bins=256), progress=False)
+    starts = result.starts
+    assert len(starts) == 5 and result.start == min(starts, key=lambda k: starts[k]["kl"])
+    kl_before = starts[result.start]["kl"]
+    for choice in result.layers:  # each step keeps the best candidate it scored, never a worse one
+        assert choice.kl[choice.chosen] == min(choice.kl.values()) <= kl_before
+        kl_before = choice.kl[choice.chosen]
+    # oracle: a fresh mtq.quantize of the emitted config, full forwards without any cache
+    model = _fresh(sm, calib, result.config)
+    mine = dict(result.model.model.named_modules())
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.is_enabled:
+            assert torch.allclose(q.amax, mine[name].amax, rtol=0, atol=0), name
+    with torch.inference_mode():
+        ref = [forward_logits(sm.model, b) for b in dev]
+        out = [forward_logits(model, b) for b in dev]
+    assert LogitDivergence(ref)(out) == pytest.approx(result.final_kl, rel=1e-5)
+    assert result.final_kl == pytest.approx(kl_before, rel=1e-5)
+    assert DevScorer(sm, dev).wer(out) == result.final_wer
+
+
+def test_default_recipe_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
+    from recipes import layerwise
+
+    sm, calib, dev = setup
+    settings = Settings(num_bins=256)
+    reference = run_layerwise(sm, calib, dev, settings, progress=False)
+    state = tmp_path / "state.json"
+    real, calls = layerwise.LogitDivergence.__call__, {"n": 0}
+
+    def dying(self, logits):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise KeyboardInterrupt("killed")
+        return real(self, logits)
+
+    monkeypatch.setattr(layerwise.LogitDivergence, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_layerwise(sm, calib, dev, settings, state_path=state, progress=False)
+    monkeypatch.setattr(layerwise.LogitDivergence, "__call__", real)
+    resumed = run_layerwise(sm, calib, dev, settings, state_path=state, resume=True, progress=False)
+    assert resumed.evaluations < reference.evaluations
+    same = {"evaluations": 0, "seconds": {}}
+    assert resumed.to_json() | same == reference.to_json() | same
