@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from recipes.models import random_model, save_model
-from sq_plugin.cli import main
+from recipes.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,41 @@ def test_calibrators_listing(capsys):
     out = capsys.readouterr().out
     for name in ("stablequant", "max", "percentile", "mse", "entropy"):
         assert name in out
+
+
+def test_help_and_usage_errors_load_nothing_heavy():
+    """`stablequant --help` and argument errors answer before torch/ModelOpt are imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom recipes.cli import main\n"
+            "for argv in (['--help'], ['quantize', '--help'], ['quantize', '--grid', '0.3,0.1', '--out', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('torch', 'modelopt', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_library_packages_never_import_the_application():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for package in ("sq_plugin", "calibrators"):
+        for path in (root / package).rglob("*.py"):
+            text = path.read_text()
+            assert "import recipes" not in text and "from recipes" not in text, path
+
+
+def test_outputs_get_the_umask_mode_not_0600(tmp_path):
+    import os
+
+    from recipes.atomic import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}

@@ -1,4 +1,8 @@
-"""The ``stablequant`` command: argument parsing only; the work happens in :mod:`recipes`."""
+"""The ``stablequant`` command: argument parsing only; the work happens in :mod:`recipes.workflows`.
+
+Nothing heavy is imported before the arguments are parsed, so ``--help`` and usage errors answer
+at once (ModelOpt and torch load only when a sub-command runs).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ DEFAULT_GRID = "0:0.5:0.01"
 
 def _grid(text: str) -> list[float]:
     """``start:stop:step`` (inclusive) or a comma list, e.g. ``0:0.5:0.01`` or ``0,0.1,0.2``."""
-    from recipes.stablequant import parse_grid
+    from .grid import parse_grid
 
     try:
         return parse_grid(text)
@@ -107,7 +111,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             cls = sq_plugin.calibrator_class(name)
             print(f"{name:12s} {cls.__module__}.{cls.__qualname__}")
         return 0
-    from recipes import workflows
+    from . import workflows
 
     result = getattr(workflows, f"run_{args.command}")(args)
     if result is not None and args.command == "eval":
