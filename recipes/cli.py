@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"stablequant {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command in ("quantize", "compare"):
+            hint = (f"; finished evaluations are kept in {args.out}: rerun the same command with --resume "
+                    "to continue")
+        print(f"stablequant {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -117,7 +117,13 @@ class StateFile:
         if self.path and self.path.exists():
             if not resume:
                 raise FileExistsError(f"{self.path} exists: pass --resume to continue that run, or use another --out")
-            old = json.loads(self.path.read_text())
+            try:
+                old = json.loads(self.path.read_text())
+                if not isinstance(old, dict) or not isinstance(old.get("fingerprint"), dict):
+                    raise ValueError("no run fingerprint in it")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot resume from {self.path}: not a state file written by this tool ({e}); "
+                                 "remove it or choose another --out") from None
             diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {}))
                           if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
             if diff:

@@ -134,3 +134,22 @@ def test_outputs_get_the_umask_mode_not_0600(tmp_path):
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+
+
+def test_corrupt_state_and_ctrl_c_are_one_line_each(workspace, capsys, monkeypatch):
+    out = workspace / "broken"
+    out.mkdir()
+    (out / "state.json").write_text('{"fingerprint": ')
+    assert main(_quantize_args(workspace, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "state.json" in err and "not a state file" in err and "Traceback" not in err
+
+    from recipes import workflows
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflows, "run_quantize", interrupted)
+    assert main(_quantize_args(workspace, workspace / "ctrl-c")) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--resume" in err and "ctrl-c" in err
