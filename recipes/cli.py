@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=None, help="modelopt_config.json written by 'stablequant quantize'")
     e.add_argument("--calib", default=None, help="calibration data for --config (default: the demo set)")
     e.add_argument("--onnx", default=None, help="evaluate an exported ONNX model with ONNX Runtime")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object (metrics and per-utterance transcripts) instead of the table")
 
     x = sub.add_parser("export", help="Q/DQ ONNX export (and TensorRT engine where available)")
     _add_common(x, ("calib",))
@@ -121,6 +123,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import workflows
 
     result = getattr(workflows, f"run_{args.command}")(args)
-    if result is not None and args.command == "eval":
-        print(json.dumps({k: v for k, v in result.items() if k != "hyps"}, indent=2))
+    if result is not None and args.command == "eval" and args.json:
+        print(json.dumps(result, indent=2, default=str))
     return 0

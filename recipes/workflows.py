@@ -123,12 +123,13 @@ def run_eval(args) -> dict:
         from .onnx_runner import run_eval_onnx
 
         return run_eval_onnx(args.onnx, data=args.data, model=args.model, limit=args.limit,
-                             batch_seconds=args.batch_seconds, skip_bad=args.skip_bad, seed=args.seed)
+                             batch_seconds=args.batch_seconds, skip_bad=args.skip_bad, seed=args.seed,
+                             print_table=not args.json)
     from .evaluate import run_eval as eval_model
 
     if not args.config:
         return eval_model(args.model, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
-                          skip_bad=args.skip_bad, seed=args.seed)
+                          skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json)
     from .qconfig import load_config, quantize_copy
 
     config = load_config(args.config)
@@ -136,7 +137,7 @@ def run_eval(args) -> dict:
     calib = load_batches(args.calib, "calib", sm, args, args.model)
     qsm = quantize_copy(sm, config, calib)
     return eval_model(qsm, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
-                      skip_bad=args.skip_bad, seed=args.seed)
+                      skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json)
 
 
 def run_export(args) -> dict:
