@@ -103,7 +103,8 @@ def install_stablequant_calibrators(
     """Give every activation quantizer a histogram calibrator with the quantizer's own bits.
 
     StableQuantCalibrator (cut-off for ``clip_layers``) unless a ``layer_calibrators`` entry
-    names another registered calibrator for it.
+    names another registered calibrator for it, or the quantizer's ``quant_cfg`` entry already
+    chose one of this package's histogram calibrators (kept, not silently replaced).
     """
     from .registry import calibrator_class
 
@@ -119,6 +120,11 @@ def install_stablequant_calibrators(
                 f"axis={q._axis} block_sizes={q.block_sizes}"
             )
         chosen = _layer_calibrator(name, layer_calibrators)
+        current = getattr(q, "_calibrator", None)
+        if chosen is None and isinstance(current, HistogramCalibratorBase) \
+                and not isinstance(current, StableQuantCalibrator):
+            installed[name] = current  # the calibrator the user put in quant_cfg stays
+            continue
         if chosen is None:
             cal = StableQuantCalibrator(
                 num_bits=q._num_bits,

@@ -322,3 +322,20 @@ def test_layer_calibrators_and_mse_weights_in_config(tiny):
     with pytest.raises(ValueError, match="unknown calibrator"):
         mtq.quantize(copy.deepcopy(model0), {**cfg, "algorithm": {
             "method": "stablequant", "layer_calibrators": {"*": {"calibrator": "nope"}}}}, _loop(audio))
+
+
+def test_calibrator_chosen_in_quant_cfg_is_kept(tiny):
+    from calibrators import PercentileCalibrator
+
+    model0, audio = tiny
+    conv2 = "*feature_extractor.conv_layers.2.conv.input_quantizer"
+    cfg = {"quant_cfg": _quant_cfg() + [{"quantizer_name": conv2, "cfg": {
+               "num_bits": 8, "axis": None, "calibrator": sq_plugin.calibrator("percentile", percentile=99.0)}}],
+           "algorithm": {"method": "stablequant", "num_bins": 256}}
+    model = mtq.quantize(copy.deepcopy(model0), cfg, _loop(audio))
+    q = dict(model.named_modules())
+    name = CONV0.replace("conv_layers.0", "conv_layers.2")
+    assert isinstance(q[name]._calibrator, PercentileCalibrator)
+    assert isinstance(q[CONV0]._calibrator, StableQuantCalibrator)
+    raw = _captured_inputs(model0, audio)[name.rsplit(".", 1)[0]]
+    assert float(q[name].amax) < raw.max()  # the 99th percentile, not the max
