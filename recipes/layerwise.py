@@ -26,7 +26,6 @@ per-tensor activations and per-channel weights, as TensorRT deploys them.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +37,10 @@ from tqdm.auto import tqdm
 from .asr import forward_logits
 from .fastquant import fast_fake_quant
 from .models import SpeechModel
-from .qconfig import quantize_copy, stablequant_config
+from .qconfig import stablequant_config
 from .reuse import PrefixRunner
-from .stablequant import (DevScorer, Settings, StateFile, _fingerprint, _layer_kinds,
-                          folded_weight_quantizers, histogram_arrays)
+from .stablequant import (DevScorer, PhaseClock, Settings, StateFile, _fingerprint, _layer_kinds,
+                          calibrated_copy, folded_weight_quantizers, histogram_arrays)
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +157,7 @@ def run_layerwise(
     progress: bool = True,
 ) -> LayerwiseResult:
     """The default recipe on ``sm``: best uniform start, then the best calibrator per layer."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    from sq_plugin.modelopt_glue import activation_quantizers, set_mse_weight_amax, weight_quantizers
+    from sq_plugin.modelopt_glue import set_mse_weight_amax, weight_quantizers
 
     s = settings or Settings()
     s.validate()
@@ -170,23 +167,10 @@ def run_layerwise(
     for key in ("starts", "layers", "errors"):
         state.data.setdefault(key, {})
     kinds = _layer_kinds(sm)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[phase] = round(now - clock, 3)
-        clock = now
-
-    # One calibration pass: a histogram per activation quantizer, per-channel max weight amax.
-    qsm = quantize_copy(sm, stablequant_config(s.wbits, s.abits, num_bins=s.num_bins), calib_batches)
+    clock = PhaseClock()
+    lap = clock.lap
+    qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model
-    acts = activation_quantizers(model)
-    if not acts:
-        raise ValueError("the model has no enabled activation quantizers to calibrate")
-    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
-    enabled = {n for n, q in quantizers.items() if q.is_enabled}
     candidates = {n: {spec_label(name, kw): calibrator_amax(q._calibrator, name, kw, s.num_bins)
                       for name, kw in CANDIDATES} for n, q in acts.items()}
     specs = {spec_label(name, kw): (name, kw) for name, kw in CANDIDATES}
@@ -305,6 +289,6 @@ def run_layerwise(
         recipe="default", settings=asdict(s), float_wer=float_wer, starts=dict(starts), start=start,
         weight_calibrator=w_method, layers=layers, final_kl=final_kl, final_wer=errors["stablequant"].wer,
         amax={n: float(q.amax) for n, q in acts.items()}, config=config, evaluations=evaluations,
-        seconds=seconds, dev_errors=dev_errors, model=qsm,
+        seconds=clock.seconds, dev_errors=dev_errors, model=qsm,
         histograms={n: histogram_arrays(q._calibrator) for n, q in acts.items()},
     )

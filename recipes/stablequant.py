@@ -186,6 +186,37 @@ def histogram_arrays(cal) -> tuple:
     return h.counts_numpy(), h.edges(), float(h.amax)
 
 
+class PhaseClock:
+    """Wall time per phase of a recipe run (``seconds`` in its result)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
+
+
+def calibrated_copy(sm: SpeechModel, calib_batches: Sequence, s: Settings):
+    """One calibration pass: a histogram per activation quantizer, per-channel max weight amax.
+
+    Returns the quantized copy, its activation quantizers, all quantizers, and the names of
+    those the config enabled.
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from sq_plugin.modelopt_glue import activation_quantizers
+
+    qsm = quantize_copy(sm, stablequant_config(s.wbits, s.abits, num_bins=s.num_bins), calib_batches)
+    acts = activation_quantizers(qsm.model)
+    if not acts:
+        raise ValueError("the model has no enabled activation quantizers to calibrate")
+    quantizers = {n: m for n, m in qsm.model.named_modules() if isinstance(m, TensorQuantizer)}
+    return qsm, acts, quantizers, {n for n, q in quantizers.items() if q.is_enabled}
+
+
 def _layer_kinds(sm: SpeechModel) -> dict[str, str]:
     return {info.path: info.kind for info in layer_inventory(sm.model)}
 
@@ -200,32 +231,15 @@ def run_stablequant(
     progress: bool = True,
 ) -> StableQuantResult:
     """Algorithm 1 on ``sm``; returns the quantized copy, the decisions and a ModelOpt config."""
-    from sq_plugin.modelopt_glue import activation_quantizers
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
     s = settings or Settings()
     s.validate()
     scorer = DevScorer(sm, dev_batches)
     state = StateFile(state_path, _fingerprint(sm, calib_batches, dev_batches, s), resume)
     kinds = _layer_kinds(sm)
-
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[phase] = round(now - clock, 3)
-        clock = now
-
-    # One calibration pass: histograms of every activation quantizer, max amax of every weight.
-    qsm = quantize_copy(sm, stablequant_config(s.wbits, s.abits, num_bins=s.num_bins), calib_batches)
+    clock = PhaseClock()
+    lap = clock.lap
+    qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model
-    acts = activation_quantizers(model)
-    if not acts:
-        raise ValueError("the model has no enabled activation quantizers to calibrate")
-    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
-    enabled = {n for n, q in quantizers.items() if q.is_enabled}
     cals = {n: q._calibrator for n, q in acts.items()}
     runner = PrefixRunner(model, forward_logits, dev_batches)
     evaluations = 0
@@ -316,6 +330,6 @@ def run_stablequant(
     return StableQuantResult(
         settings=asdict(s), float_wer=float_wer, stage1=stage1, marked=marked, stage2=stage2,
         p_opt=p_opt, final_wer=stage2[str(p_opt)], amax=amax, config=config,
-        evaluations=evaluations, seconds=seconds, dev_errors=dict(state.data["errors"]), model=qsm,
+        evaluations=evaluations, seconds=clock.seconds, dev_errors=dict(state.data["errors"]), model=qsm,
         histograms=histograms,
     )
