@@ -86,7 +86,7 @@ def read_librispeech(root: str | Path) -> list[Utterance]:
         raise FileNotFoundError(f"{root}: no LibriSpeech transcripts (*.trans.txt) found")
     utts = []
     for trans in trans_files:
-        for lineno, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(_read_lines(trans), 1):
             where = f"{trans}:{lineno}"
             utt_id, _, text = line.strip().partition(" ")
             if not utt_id:
@@ -102,7 +102,14 @@ def read_librispeech(root: str | Path) -> list[Utterance]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines()
+    """UTF-8 text lines; a byte that is not UTF-8 is an error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                         "save transcripts and manifests as UTF-8") from None
 
 
 def read_fairseq_manifest(tsv: str | Path) -> list[Utterance]:
@@ -165,8 +172,7 @@ def detect_format(path: str | Path) -> str:
         return "librispeech"
     if not path.is_file():
         raise FileNotFoundError(f"dataset not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        first = f.readline().rstrip("\n")
+    first = (_read_lines(path) or [""])[0]
     return "plain" if "\t" in first else "fairseq"
 
 
@@ -248,10 +254,14 @@ def make_batches(utts: list[Utterance], sm, batch_seconds: float = 32.0, limit: 
     sr = int(getattr(sm, "sampling_rate", 16000))
     do_normalize = bool(getattr(sm, "do_normalize", True))
     with_mask = bool(getattr(sm, "return_attention_mask", False))
+    frames = getattr(getattr(sm, "model", None), "_get_feat_extract_output_lengths", None)
     loaded, skipped = [], []
     for utt in select_subset(utts, limit, seed):
         try:
             wav = load_audio(utt.path, sr)
+            if frames is not None and int(frames(torch.tensor([len(wav)]))) < 1:
+                raise AudioError(f"{utt.path}: {len(wav)} samples is shorter than the model's receptive "
+                                 "field (no output frame)")
         except AudioError as e:
             if not skip_bad:
                 raise

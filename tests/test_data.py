@@ -222,3 +222,24 @@ def test_no_attention_mask_no_normalize(tmp_path):
     assert all(b.attention_mask is None for b in batches)
     peak = max(float(b.input_values.abs().max()) for b in batches)
     assert abs(peak - 0.3) < 0.01  # raw waveform, not normalised
+
+
+def test_transcripts_that_are_not_utf8_name_file_and_line(tmp_path):
+    write(tmp_path / "a.flac")
+    (tmp_path / "l.tsv").write_bytes("a.flac\tHELLO\na.flac\tCAF\xc9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"l\.tsv:2: not UTF-8"):
+        open_dataset(tmp_path / "l.tsv")
+
+
+def test_audio_shorter_than_the_receptive_field_is_refused(tmp_path):
+    from recipes.models import random_model
+
+    sm = random_model("tiny", seed=0)
+    write(tmp_path / "short.flac", seconds=100 / SR)
+    write(tmp_path / "ok.flac", seconds=0.5)
+    (tmp_path / "l.tsv").write_text("short.flac\tHI\nok.flac\tHI\n")
+    utts = open_dataset(tmp_path / "l.tsv")
+    with pytest.raises(AudioError, match=r"short\.flac: 100 samples is shorter than the model's receptive field"):
+        make_batches(utts, sm)
+    batches = make_batches(utts, sm, skip_bad=True)
+    assert batches.num_utterances == 1 and batches.skipped == [str(tmp_path / "short.flac")]
