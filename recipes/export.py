@@ -486,7 +486,7 @@ def read_metadata(onnx_path: str | Path) -> dict[str, object]:
 # ----------------------------------------------------------------------------- TensorRT
 
 
-def _require_tensorrt():
+def require_tensorrt():
     """TensorRT module, or a one-line RuntimeError naming what is missing."""
     try:
         import tensorrt as trt
@@ -508,7 +508,7 @@ def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, *,
     Strongly typed: precisions come from the Q/DQ nodes, not from builder flags, so the engine
     runs exactly the int8 ops the ONNX describes.
     """
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

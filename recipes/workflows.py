@@ -141,9 +141,11 @@ def run_eval(args) -> dict:
 
 
 def run_export(args) -> dict:
-    from .export import build_trt_engine, export_onnx
+    from .export import require_tensorrt, build_trt_engine, export_onnx
     from .qconfig import load_config, quantize_copy
 
+    if args.engine:
+        require_tensorrt()  # before any work: without TensorRT nothing is written
     sm = resolve_model(args.model)
     onnx_path = Path(args.onnx)
     if onnx_path.exists() and not args.overwrite:

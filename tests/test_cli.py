@@ -156,3 +156,16 @@ def test_corrupt_state_and_ctrl_c_are_one_line_each(workspace, capsys, monkeypat
     assert main(_quantize_args(workspace, workspace / "ctrl-c")) == 130
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--resume" in err and "ctrl-c" in err
+
+
+def test_export_engine_without_tensorrt_writes_nothing(workspace, capsys):
+    pytest.importorskip("modelopt")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    onnx = workspace / "never.onnx"
+    assert main(["export", "--model", str(workspace / "model"), "--calib", str(workspace / "set.tsv"),
+                 "--allow-fp32", "--onnx", str(onnx), "--engine", str(workspace / "never.plan")]) == 2
+    assert "TensorRT" in capsys.readouterr().err and not onnx.exists()
