@@ -24,15 +24,34 @@ def _grid(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones (None / off) that would only add noise."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+DATA_HELP = {"calib": "calibration data (activation statistics)", "dev": "dev data (every decision)",
+             "test": "test data (the reported WERs)", "data": "data to score"}
+
+
 def _add_common(p: argparse.ArgumentParser, data_args: tuple[str, ...] = ()) -> None:
     p.add_argument("--model", default="demo", help="'demo' (shipped) or a local HF model directory")
     for name in data_args:
-        p.add_argument(f"--{name}", default=None, help=f"{name} data: LibriSpeech dir, fairseq .tsv or plain TSV (default: the demo set)")
-    p.add_argument("--limit", type=int, default=None, help="deterministic subset of N utterances per data set")
-    p.add_argument("--batch-seconds", type=float, default=32.0, help="audio seconds per padded batch")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable audio files (reported)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        p.add_argument(f"--{name}", default=None, metavar="DATA",
+                       help=f"{DATA_HELP[name]}: a LibriSpeech directory, fairseq .tsv manifest or plain "
+                            "TSV (audio<TAB>transcript); default with --model demo: the shipped set")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="a deterministic (seeded) subset of N utterances per data set")
+    p.add_argument("--batch-seconds", type=float, default=32.0,
+                   help="most audio seconds in one forward; only equal-length utterances share one, "
+                        "so results never depend on it")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable or too short audio files (reported)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --limit subsets and bootstrap intervals")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging detail (DEBUG also shows tracebacks)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,35 +61,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="run StableQuant (Algorithm 1) and write a ModelOpt config + report")
+    fmt = {"formatter_class": _Formatter}
+    q = sub.add_parser("quantize", help="run StableQuant (default recipe, or --recipe paper) and write a "
+                       "ModelOpt config + report", **fmt)
     _add_common(q, ("calib", "dev"))
     q.add_argument("--recipe", choices=["default", "paper"], default="default",
                    help="default: best calibrator per layer by dev logit divergence to fp32 (see README); "
-                        "paper: Algorithms 1 and 2 exactly as published (default: %(default)s)")
+                        "paper: Algorithms 1 and 2 exactly as published")
     q.add_argument("--bits", type=int, default=8, help="bits for weights and activations")
     q.add_argument("--wbits", type=int, default=None, help="weight bits (default: --bits)")
     q.add_argument("--gamma", type=float, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
     q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
-    q.add_argument("--num-bins", type=int, default=2048)
+    q.add_argument("--num-bins", type=int, default=2048, help="histogram bins per activation quantizer")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="write into an existing output directory")
     q.add_argument("--resume", action="store_true", help="resume from OUT/state.json")
     q.add_argument("--naive-stage1", action="store_true", help="re-run the whole model per layer (benchmark only)")
 
-    c = sub.add_parser("compare", help="the paper's Tables I and II on this model")
+    c = sub.add_parser("compare", help="the paper's Tables I and II on this model, with intervals", **fmt)
     _add_common(c, ("calib", "dev", "test"))
-    c.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
-    c.add_argument("--gamma", type=float, default=0.25)
-    c.add_argument("--grid", type=_grid, default=DEFAULT_GRID)
-    c.add_argument("--num-bins", type=int, default=2048)
+    c.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="bit widths (WnAn each)")
+    c.add_argument("--gamma", type=float, default=0.25, help="paper recipe: Stage-1 threshold in WER points")
+    c.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="paper recipe: cut-off grid p (percent)")
+    c.add_argument("--num-bins", type=int, default=2048, help="histogram bins per activation quantizer")
     c.add_argument("--subset", action="append", default=None, metavar="NAME=DATA",
                    help="also report WER on the test utterances listed in DATA (repeatable); "
                         "--model demo: training voices vs held-out voices")
-    c.add_argument("--out", required=True)
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--resume", action="store_true")
+    c.add_argument("--out", required=True, help="output directory (compare.json, compare.md, state files)")
+    c.add_argument("--overwrite", action="store_true", help="write into an existing output directory")
+    c.add_argument("--resume", action="store_true", help="reuse the finished searches in OUT")
 
-    e = sub.add_parser("eval", help="WER/CER of a model (optionally quantized by a ModelOpt config, or an ONNX file)")
+    e = sub.add_parser("eval", help="WER/CER of a model (optionally quantized by a ModelOpt config, or an ONNX file)",
+                       **fmt)
     _add_common(e, ("data",))
     e.add_argument("--config", default=None, help="modelopt_config.json written by 'stablequant quantize'")
     e.add_argument("--calib", default=None, help="calibration data for --config (default: the demo set)")
@@ -78,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true",
                    help="print one JSON object (metrics and per-utterance transcripts) instead of the table")
 
-    x = sub.add_parser("export", help="Q/DQ ONNX export (and TensorRT engine where available)")
+    x = sub.add_parser("export", help="Q/DQ ONNX export (and TensorRT engine where available)", **fmt)
     _add_common(x, ("calib",))
     x.add_argument("--config", default=None, help="modelopt_config.json (from 'stablequant quantize')")
     x.add_argument("--onnx", required=True, help="output .onnx path")
@@ -116,9 +138,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "calibrators":
         import sq_plugin
 
+        width = max(map(len, sq_plugin.calibrator_names()), default=0)
         for name in sq_plugin.calibrator_names():
             cls = sq_plugin.calibrator_class(name)
-            print(f"{name:12s} {cls.__module__}.{cls.__qualname__}")
+            print(f"{name:{width}s}  {cls.__module__}.{cls.__qualname__}")
         return 0
     from . import workflows
 
