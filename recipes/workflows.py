@@ -105,10 +105,13 @@ def run_compare(args) -> dict:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--subset expects NAME=DATA, got {spec!r}")
-        subsets[name] = {u.id for u in open_dataset(path)}
+        subsets[name] = path
     if not subsets and args.test is None and args.model == "demo":
-        subsets = {name: {u.id for u in open_dataset(demo_split(f"test_{name}"))}
-                   for name in ("seen", "heldout")}
+        subsets = {name: demo_split(f"test_{name}") for name in ("seen", "heldout")}
+    # a subset is the test utterances whose audio files its data set lists
+    test_ids = {u.path.resolve(): u.id for u in open_dataset(args.test or demo_split("test"))}
+    subsets = {name: {test_ids[u.path.resolve()] for u in open_dataset(path) if u.path.resolve() in test_ids}
+               for name, path in subsets.items()}
     table = compare_methods(sm, calib, dev, test, bits=args.bits, gamma=args.gamma, grid=args.grid,
                             num_bins=args.num_bins, out_dir=out_dir, resume=args.resume, subsets=subsets,
                             seed=args.seed)

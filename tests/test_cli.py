@@ -169,3 +169,21 @@ def test_export_engine_without_tensorrt_writes_nothing(workspace, capsys):
     assert main(["export", "--model", str(workspace / "model"), "--calib", str(workspace / "set.tsv"),
                  "--allow-fp32", "--onnx", str(onnx), "--engine", str(workspace / "never.plan")]) == 2
     assert "TensorRT" in capsys.readouterr().err and not onnx.exists()
+
+
+def test_compare_writes_intervals_and_subsets(workspace):
+    sub = workspace
+    (sub / "half.tsv").write_text("./u0.flac\tHELLO THERE\nx/../u2.flac\tHELLO THERE\n")  # other spellings
+    out = workspace / "cmp"
+    args = ["compare", "--model", str(workspace / "model"), "--calib", str(workspace / "set.tsv"),
+            "--dev", str(workspace / "set.tsv"), "--test", str(workspace / "set.tsv"), "--bits", "8",
+            "--grid", "0,0.1", "--num-bins", "256", "--subset", f"half={sub / 'half.tsv'}", "--out", str(out)]
+    assert main(args) == 0
+    table = json.loads((out / "compare.json").read_text())
+    row = table["bits"]["8"]
+    for key in ("max", "percentile", "mse", "entropy", "stablequant", "stablequant_paper"):
+        assert 0 <= row[key] and set(row["subsets"]["half"]) >= {key, "fp32"}
+        assert row["intervals"][key]["vs_fp32"]["resamples"] == 1000
+    assert "fp32_test_wer" in table and table["test_utterances"] == 4
+    md = (out / "compare.md").read_text()
+    assert "Test subsets" in md and "| W8A8 | half |" in md and "95 % CI" in md
