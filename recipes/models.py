@@ -1,6 +1,6 @@
 """Model adapters: load/build HF CTC speech models and describe their quantizable layers.
 
-Everything here works offline: models come from a local directory (safetensors only) or are
+Everything here works offline: models come from a local directory (safetensors, or pytorch_model.bin read with weights_only) or are
 built with random weights from configs that mirror the real checkpoint shapes.
 """
 
@@ -275,9 +275,12 @@ def _has_folded_weight_norm(directory: Path) -> bool:
     from safetensors import safe_open
 
     for shard in _safetensors_files(directory):
-        with safe_open(str(shard), framework="pt") as f:
-            if any(k.endswith("pos_conv_embed.conv.weight") for k in f.keys()):
-                return True
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                if any(k.endswith("pos_conv_embed.conv.weight") for k in f.keys()):
+                    return True
+        except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+            raise ValueError(f"{shard}: not a readable safetensors file ({e})") from None
     return False
 
 
@@ -297,8 +300,23 @@ def _load_folded(model_cls, directory: Path) -> tuple[nn.Module, list[str]]:
     return model, list(result.missing_keys)
 
 
+def _preprocessor_config(directory: Path) -> dict:
+    """preprocessor_config.json, or the feature extractor nested in processor_config.json (as
+    transformers 5's ``Processor.save_pretrained`` writes it)."""
+    pre_path = directory / "preprocessor_config.json"
+    if pre_path.is_file():
+        return _read_json(pre_path)
+    proc_path = directory / "processor_config.json"
+    if proc_path.is_file():
+        nested = _read_json(proc_path).get("feature_extractor")
+        if isinstance(nested, dict):
+            return nested
+    raise FileNotFoundError(f"{directory}: no feature extractor settings (preprocessor_config.json, or "
+                            "processor_config.json with a 'feature_extractor' entry)")
+
+
 def load_ctc_model(path: str | Path) -> SpeechModel:
-    """Load an HF CTC speech model from a local directory (safetensors only, never pickle)."""
+    """Load an HF CTC speech model from a local directory (safetensors, or .bin tensors only)."""
     import transformers
 
     directory = Path(path)
@@ -315,26 +333,26 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
                          f"CTC model; supported: {', '.join(SUPPORTED_ARCHS)}")
     has_safetensors = (directory / "model.safetensors").is_file() or \
         (directory / "model.safetensors.index.json").is_file()
-    if not has_safetensors:
-        if any(directory.glob("pytorch_model*.bin")):
-            raise ValueError(f"{directory}: only pytorch_model.bin (pickle) found; refusing to "
-                             "unpickle weights. Convert to model.safetensors first.")
-        raise FileNotFoundError(f"{directory}: model.safetensors missing")
-    pre_path = directory / "preprocessor_config.json"
-    if not pre_path.is_file():
-        raise FileNotFoundError(f"{directory}: preprocessor_config.json missing")
-    pre = _read_json(pre_path)
+    has_bin = any(directory.glob("pytorch_model*.bin"))
+    if not (has_safetensors or has_bin):
+        raise FileNotFoundError(f"{directory}: no weights (model.safetensors or pytorch_model.bin)")
+    pre = _preprocessor_config(directory)
     vocab, blank_id, delimiter = _load_vocab(directory)
 
     model_cls = getattr(transformers, SUPPORTED_ARCHS[arch][0])
-    if _has_folded_weight_norm(directory):
+    if has_safetensors and _has_folded_weight_norm(directory):
         model, missing = _load_folded(model_cls, directory)
     else:
+        # pytorch_model.bin goes through transformers' torch.load(weights_only=True): tensors
+        # only, no pickled code runs
         with _quiet_transformers():
-            model, info = model_cls.from_pretrained(
-                directory, local_files_only=True, use_safetensors=True, dtype=torch.float32,
-                output_loading_info=True,
-            )
+            try:
+                model, info = model_cls.from_pretrained(
+                    directory, local_files_only=True, use_safetensors=has_safetensors, dtype=torch.float32,
+                    output_loading_info=True,
+                )
+            except Exception as e:  # unpickling refused, truncated file, shape mismatch, ...
+                raise ValueError(f"{directory}: cannot load the weights ({str(e).splitlines()[0]})") from None
         missing = info.get("missing_keys", [])
     missing = [k for k in missing if "masked_spec_embed" not in k]
     if missing:

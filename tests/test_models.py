@@ -174,10 +174,42 @@ def test_missing_vocab_refused(saved):
         load_ctc_model(saved)
 
 
-def test_pickle_weights_refused(saved):
-    (saved / "model.safetensors").rename(saved / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="pickle"):
+def test_pytorch_model_bin_loads_tensors_only(saved, tmp_path):
+    from safetensors.torch import load_file
+
+    reference = load_ctc_model(saved)
+    torch.save(load_file(str(saved / "model.safetensors")), saved / "pytorch_model.bin")
+    (saved / "model.safetensors").unlink()
+    torch.testing.assert_close(logits(load_ctc_model(saved)), logits(reference))
+    # a .bin that would run code when unpickled is refused (weights_only), nothing runs
+    marker = tmp_path / "ran"
+    torch.save({"x": _Evil(str(marker))}, saved / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="cannot load the weights"):
         load_ctc_model(saved)
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_truncated_safetensors_is_a_clear_error(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_ctc_model(saved)
+
+
+def test_processor_config_with_nested_feature_extractor(saved):
+    """transformers 5 writes the feature extractor inside processor_config.json only."""
+    pre = json.loads((saved / "preprocessor_config.json").read_text())
+    (saved / "preprocessor_config.json").unlink()
+    (saved / "processor_config.json").write_text(json.dumps({"feature_extractor": {**pre, "do_normalize": False}}))
+    assert load_ctc_model(saved).do_normalize is False
 
 
 @pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json"])
