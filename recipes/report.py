@@ -165,6 +165,8 @@ def plot_activation_ranges(result: StableQuantResult, path: Path) -> None:
         ax.plot([i, i], [max(q[0], 1e-6), q[1]], color=c, lw=5, solid_capstyle="butt")
         ax.scatter([i], [amax], color=c, marker="^", s=14)
         ax.scatter([i], [q[2]], color=c, marker="_", s=30)
+        if name in result.amax:
+            ax.scatter([i], [result.amax[name]], color="black", marker="x", s=18, zorder=3)
     for kind, c in colors.items():
         if kind in kinds.values():
             ax.plot([], [], color=c, lw=5, label=kind)
@@ -178,6 +180,7 @@ def plot_activation_ranges(result: StableQuantResult, path: Path) -> None:
             label.set_fontweight("bold")
     ax.set_xlabel("quantized layer (input activation), model order" + (" — marked layers in bold red" if marked else ""),
                   fontsize=9)
+    ax.scatter([], [], color="black", marker="x", label="chosen amax")
     ax.set_ylabel("|activation| (median–p99 bar, p99.99 tick, max ▲)")
     ax.set_title("Activation ranges by layer (input of each quantized layer)")
     ax.legend(fontsize=7)
