@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${SQ_VENV:-.venv}
 TORCH_SPEC=${SQ_TORCH_SPEC:-torch==2.13.0}
+# Extra pip arguments for the torch install, e.g. where pip would otherwise find a CUDA build:
+#   SQ_TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" ./sq.sh test
+read -r -a TORCH_PIP_ARGS <<< "${SQ_TORCH_PIP_ARGS:-}"
 
 setup() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -13,7 +16,7 @@ setup() {
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
       echo "sq.sh: installing $TORCH_SPEC (CPU build) into $VENV" >&2
-      "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC"
+      "$VENV/bin/pip" install -q --disable-pip-version-check ${TORCH_PIP_ARGS[@]+"${TORCH_PIP_ARGS[@]}"} "$TORCH_SPEC"
     fi
     echo "sq.sh: installing sq-plugin and its dependencies into $VENV" >&2
     "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"

@@ -11,6 +11,9 @@ from .atomic import atomic_output, write_json_atomic, write_text_atomic
 from .layerwise import LayerwiseResult
 from .stablequant import StableQuantResult
 
+REAPPLY = ("Re-apply with `import sq_plugin`, `recipes.models.remove_weight_norm(model)` (ModelOpt cannot wrap "
+           "the positional conv's weight norm), then "
+           "`mtq.quantize(model, json.load(open('modelopt_config.json')), forward_loop)`.")
 SYSTEM_NAMES = {"fp32": "fp32", "max": "Max", "percentile": "Percentile", "mse": "MSE", "entropy": "Entropy",
                 "stablequant_paper": "StableQuant (paper recipe)", "stablequant": "StableQuant (default recipe)"}
 
@@ -102,8 +105,7 @@ def layerwise_markdown(result: LayerwiseResult, meta: dict) -> str:
         "",
         layers,
         "",
-        "Re-apply with `mtq.quantize(model, json.load(open('modelopt_config.json')), forward_loop)` "
-        "after `import sq_plugin`.",
+        REAPPLY,
         "",
     ])
 
@@ -137,8 +139,7 @@ def paper_markdown(result: StableQuantResult, meta: dict) -> str:
         "",
         markdown_table(["p (%)", "dev WER %"], [[p, w] for p, w in result.stage2.items()]),
         "",
-        "Re-apply with `mtq.quantize(model, json.load(open('modelopt_config.json')), forward_loop)` "
-        "after `import sq_plugin`.",
+        REAPPLY,
         "",
     ])
 
