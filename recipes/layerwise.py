@@ -40,7 +40,7 @@ from .models import SpeechModel
 from .qconfig import stablequant_config
 from .reuse import PrefixRunner
 from .stablequant import (DevScorer, PhaseClock, Settings, StateFile, _fingerprint, _layer_kinds,
-                          calibrated_copy, folded_weight_quantizers, histogram_arrays)
+                          calibrated_copy, folded_weight_quantizers, histogram_arrays, result_json)
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,10 @@ class LogitDivergence:
 
 def distinct_candidates(amaxes: dict[str, float], num_bits: int) -> dict[str, float]:
     """Drop candidates within a quarter quantization step of one kept earlier (same grid)."""
+    qmax = 2 ** (num_bits - 1) - 1
     kept: dict[str, float] = {}
     for label, a in amaxes.items():
-        step = a / (2 ** (num_bits - 1) - 1)
-        if all(abs(a - b) > 0.25 * max(step, b / (2 ** (num_bits - 1) - 1)) for b in kept.values()):
+        if all(abs(a - b) > 0.25 * max(a, b) / qmax for b in kept.values()):
             kept[label] = a
     return kept
 
@@ -137,14 +137,7 @@ class LayerwiseResult:
     histograms: dict | None = None
 
     def to_json(self) -> dict:
-        """Every field but the model and histograms, built without copying the model."""
-        out = {}
-        for name in self.__dataclass_fields__:
-            if name in ("model", "histograms"):
-                continue
-            value = getattr(self, name)
-            out[name] = [asdict(v) for v in value] if name == "layers" else value
-        return out
+        return result_json(self)
 
 
 def run_layerwise(
@@ -194,7 +187,7 @@ def run_layerwise(
             q.amax = weight_amax[method][n]
 
     with fast_fake_quant(model):
-        for q_name, q in quantizers.items():  # fp32 reference: every quantizer off
+        for q in quantizers.values():  # fp32 reference: every quantizer off
             q.disable()
         with torch.inference_mode():
             ref_logits = [forward_logits(model, b) for b in dev_batches]

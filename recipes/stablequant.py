@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -77,11 +77,21 @@ class StableQuantResult:
     histograms: dict | None = None  # quantizer -> (counts, edges) for plots (not serialised)
 
     def to_json(self) -> dict:
-        """Every field but the model and histograms (asdict would deep-copy the model first)."""
-        skip = ("model", "histograms")
-        return {name: [asdict(v) for v in value] if name == "stage1" else value
-                for name in self.__dataclass_fields__ if name not in skip
-                for value in [getattr(self, name)]}
+        return result_json(self)
+
+
+def result_json(result) -> dict:
+    """A recipe result's fields but the model and histograms, nested dataclasses as dicts.
+
+    Built field by field: ``dataclasses.asdict`` would deep-copy the quantized model first.
+    """
+    def plain(value):
+        if isinstance(value, list):
+            return [asdict(v) if is_dataclass(v) else v for v in value]
+        return value
+
+    return {name: plain(getattr(result, name)) for name in result.__dataclass_fields__
+            if name not in ("model", "histograms")}
 
 
 class DevScorer:
