@@ -24,6 +24,31 @@ def _grid(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _number(kind, low=None, high=None, power_of_two=False, strict_low=False):
+    """An argparse type: a number in range, checked before any model or data is loaded."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if strict_low else value < low):
+            raise argparse.ArgumentTypeError(f"{value} must be {'>' if strict_low else '>='} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be <= {high}")
+        if power_of_two and value & (value - 1):
+            raise argparse.ArgumentTypeError(f"{value} must be a power of two")
+        return value
+
+    return parse
+
+
+BITS = _number(int, 2, 16)
+NUM_BINS = _number(int, 16, power_of_two=True)
+GAMMA = _number(float, 0.0)
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the empty ones (None / off) that would only add noise."""
 
@@ -43,9 +68,9 @@ def _add_common(p: argparse.ArgumentParser, data_args: tuple[str, ...] = ()) -> 
         p.add_argument(f"--{name}", default=None, metavar="DATA",
                        help=f"{DATA_HELP[name]}: a LibriSpeech directory, fairseq .tsv manifest or plain "
                             "TSV (audio<TAB>transcript); default with --model demo: the shipped set")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=_number(int, 1), default=None, metavar="N",
                    help="a deterministic (seeded) subset of N utterances per data set")
-    p.add_argument("--batch-seconds", type=float, default=32.0,
+    p.add_argument("--batch-seconds", type=_number(float, 0.0, strict_low=True), default=32.0,
                    help="most audio seconds in one forward; only equal-length utterances share one, "
                         "so results never depend on it")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable or too short audio files (reported)")
@@ -68,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", choices=["default", "paper"], default="default",
                    help="default: best calibrator per layer by dev logit divergence to fp32 (see README); "
                         "paper: Algorithms 1 and 2 exactly as published")
-    q.add_argument("--bits", type=int, default=8, help="bits for weights and activations")
-    q.add_argument("--wbits", type=int, default=None, help="weight bits (default: --bits)")
-    q.add_argument("--gamma", type=float, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
+    q.add_argument("--bits", type=BITS, default=8, help="bits for weights and activations")
+    q.add_argument("--wbits", type=BITS, default=None, help="weight bits (default: --bits)")
+    q.add_argument("--gamma", type=GAMMA, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
     q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
-    q.add_argument("--num-bins", type=int, default=2048, help="histogram bins per activation quantizer")
+    q.add_argument("--num-bins", type=NUM_BINS, default=2048, help="histogram bins per activation quantizer")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="write into an existing output directory")
     q.add_argument("--resume", action="store_true", help="resume from OUT/state.json")
@@ -80,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="the paper's Tables I and II on this model, with intervals", **fmt)
     _add_common(c, ("calib", "dev", "test"))
-    c.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4], help="bit widths (WnAn each)")
-    c.add_argument("--gamma", type=float, default=0.25, help="paper recipe: Stage-1 threshold in WER points")
+    c.add_argument("--bits", type=BITS, nargs="+", default=[8, 6, 4], help="bit widths (WnAn each)")
+    c.add_argument("--gamma", type=GAMMA, default=0.25, help="paper recipe: Stage-1 threshold in WER points")
     c.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="paper recipe: cut-off grid p (percent)")
-    c.add_argument("--num-bins", type=int, default=2048, help="histogram bins per activation quantizer")
+    c.add_argument("--num-bins", type=NUM_BINS, default=2048, help="histogram bins per activation quantizer")
     c.add_argument("--subset", action="append", default=None, metavar="NAME=DATA",
                    help="also report WER on the test utterances listed in DATA (repeatable); "
                         "--model demo: training voices vs held-out voices")

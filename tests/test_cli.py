@@ -87,7 +87,8 @@ def test_quantize_writes_reports_and_refuses_existing_dir(workspace, capsys):
 def test_bad_input_is_a_clear_error(workspace, capsys):
     assert main(["quantize", "--model", "no-such-model", "--out", str(workspace / "x")]) == 2
     assert "no-such-model" in capsys.readouterr().err
-    assert main(_quantize_args(workspace, workspace / "g", "--gamma", "-1")) == 2
+    with pytest.raises(SystemExit):
+        main(_quantize_args(workspace, workspace / "g", "--gamma", "-1"))
     assert "gamma" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(_quantize_args(workspace, workspace / "h")[:-2] + ["--grid", "0.3,0.1", "--out", "h"])
@@ -187,3 +188,16 @@ def test_compare_writes_intervals_and_subsets(workspace):
     assert "fp32_test_wer" in table and table["test_utterances"] == 4
     md = (out / "compare.md").read_text()
     assert "Test subsets" in md and "| W8A8 | half |" in md and "95 % CI" in md
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--bits", "1", "must be >= 2"), ("--bits", "17", "must be <= 16"), ("--bits", "8.5", "not an integer"),
+    ("--num-bins", "1000", "power of two"), ("--gamma", "-0.1", ">= 0.0"), ("--gamma", "nan", "finite"),
+    ("--limit", "0", ">= 1"), ("--batch-seconds", "0", "> 0.0"),
+])
+def test_out_of_range_options_refused_before_loading(capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "--model", "no-such-model", "--out", "never", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and message in err and "no-such-model" not in err
