@@ -271,11 +271,16 @@ def make_batches(utts: list[Utterance], sm, batch_seconds: float = 32.0, limit: 
         loaded.append((utt, normalize_waveform(wav) if do_normalize else wav))
     if skipped:
         log.warning("skipped %d unreadable audio file(s)", len(skipped))
+    return group_batches(loaded, with_mask, batch_seconds, sr, skipped)
+
+
+def group_batches(loaded: list[tuple[Utterance, np.ndarray]], with_mask: bool, batch_seconds: float,
+                  sampling_rate: int = 16000, skipped: list[str] | None = None) -> BatchList:
+    """Sort by length and batch equal-length waveforms, at most ``batch_seconds`` each."""
     if not loaded:
         raise ValueError("no readable utterances to batch")
-
-    loaded.sort(key=lambda item: (len(item[1]), item[0].id))
-    budget = batch_seconds * sr
+    loaded = sorted(loaded, key=lambda item: (len(item[1]), item[0].id))
+    budget = batch_seconds * sampling_rate
     batches, current = [], []
     for item in loaded:
         n = len(item[1])
@@ -284,4 +289,4 @@ def make_batches(utts: list[Utterance], sm, batch_seconds: float = 32.0, limit: 
             current = []
         current.append(item)
     batches.append(_collate(current, with_mask))
-    return BatchList(batches, skipped, sr)
+    return BatchList(batches, skipped or [], sampling_rate)

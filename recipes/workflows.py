@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -55,11 +54,9 @@ def prepare_out_dir(out: str, overwrite: bool, resume: bool) -> Path:
 
 
 def run_quantize(args) -> dict:
-    from .compare import intervals, uniform_dev_errors
-    from .asr import UtteranceErrors
-    from .layerwise import run_layerwise
+    from .api import run_recipe
     from .report import write_quantize_outputs
-    from .stablequant import DevScorer, Settings, run_stablequant
+    from .stablequant import Settings
 
     torch.manual_seed(args.seed)
     sm = resolve_model(args.model)
@@ -68,22 +65,9 @@ def run_quantize(args) -> dict:
     out_dir = prepare_out_dir(args.out, args.overwrite, args.resume)
     settings = Settings(wbits=args.wbits or args.bits, abits=args.bits, gamma=args.gamma,
                         grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
-    start = time.perf_counter()
-    recipe = run_layerwise if args.recipe == "default" else run_stablequant
-    result = recipe(sm, calib, dev, settings, state_path=out_dir / "state.json", resume=args.resume)
-    elapsed = time.perf_counter() - start
-    # dev WER of each uniform baseline and paired bootstrap intervals, for the report
-    errors = {"fp32": UtteranceErrors.from_json(result.dev_errors["fp32"]),
-              **uniform_dev_errors(result, DevScorer(sm, dev))}
-    final = "stablequant" if args.recipe == "default" else "stablequant_paper"
-    errors[final] = UtteranceErrors.from_json(result.dev_errors[final])
-    meta = {"model": str(args.model), "arch": sm.arch, "recipe": args.recipe,
-            "calib_utterances": calib.num_utterances, "dev_utterances": dev.num_utterances,
-            "seconds": round(elapsed, 1),
-            "dev": {k: {"wer": e.wer, "cer": e.cer, "words": int(e.words.sum()),
-                        "word_errors": int(e.word_edits.sum())} for k, e in errors.items()},
-            "dev_intervals": intervals(errors, "fp32", [k for k in errors if k not in ("fp32", final)],
-                                       seed=args.seed)}
+    result, meta = run_recipe(sm, calib, dev, settings, args.recipe, state_path=out_dir / "state.json",
+                              resume=args.resume, seed=args.seed)
+    meta["model"] = str(args.model)
     md = write_quantize_outputs(out_dir, result, meta)
     print(md)
     print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, PNG plots)")

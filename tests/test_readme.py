@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -27,3 +28,31 @@ def test_modelopt_snippet_runs_on_the_demo_model():
             if isinstance(q, TensorQuantizer) and q.is_enabled and n.endswith("input_quantizer")}
     assert len(acts) > 20 and all(q.amax is not None and float(q.amax) > 0 for q in acts.values())
     assert all(isinstance(q._calibrator, EntropyCalibrator) for n, q in acts.items() if ".encoder.layers." in n)
+
+
+def test_python_entry_point_snippet_runs_and_its_config_reapplies():
+    pytest.importorskip("modelopt.torch.quantization")
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from recipes.api import as_batches
+    from recipes.models import remove_weight_norm
+    from recipes.qconfig import calibration_loop
+
+    scope: dict = {}
+    exec(compile(_python_block_after("### The whole recipe from Python"), "README.md", "exec"), scope)
+    out = scope["out"]
+    assert set(out.report["meta"]["dev"]) == {"fp32", "max", "percentile", "mse", "entropy", "stablequant"}
+    assert out.report["recipe"] == "default" and out.config["algorithm"]["layer_calibrators"]
+    # oracle: the same config re-applied by ModelOpt to a fresh copy gives the same scales
+    fresh = remove_weight_norm(copy.deepcopy(scope["model"]))
+    from recipes.api import speech_model
+
+    sm = speech_model(fresh, scope["processor"])
+    mtq.quantize(fresh, out.config, calibration_loop(as_batches(scope["pairs"]("calib", 8), sm)))
+    mine = dict(out.model.named_modules())
+    for name, q in fresh.named_modules():
+        if isinstance(q, TensorQuantizer) and q.is_enabled:
+            assert torch.equal(q.amax, mine[name].amax), name

@@ -1,0 +1,129 @@
+"""Python entry point: the whole recipe on a model you already hold in memory.
+
+    from recipes.api import quantize
+    out = quantize(model, processor, calib="calib.tsv", dev="dev.tsv", bits=8)
+    out.config   # plain ModelOpt config: mtq.quantize(fresh_model, out.config, loop) re-applies it
+    out.model    # the quantized (fake-quant) model
+    out.report   # what report.json holds: dev WERs of fp32, baselines and the recipe, intervals
+
+The CLI's ``stablequant quantize`` runs the same :func:`run_recipe`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import BatchList, Utterance, group_batches, make_batches, normalize_waveform, open_dataset
+from .models import SpeechModel, remove_weight_norm, resolve_model
+from .stablequant import Settings
+
+RECIPES = ("default", "paper")
+
+
+@dataclass
+class Quantized:
+    config: dict
+    model: nn.Module
+    report: dict
+    result: object  # LayerwiseResult or StableQuantResult, with the per-layer decisions
+
+
+def speech_model(model: nn.Module | SpeechModel | str | Path, processor=None) -> SpeechModel:
+    """A SpeechModel from an HF CTC model and its processor (or tokenizer), a directory or "demo".
+
+    The positional conv's weight norm is folded into a plain weight in place (same outputs): ModelOpt
+    cannot wrap it otherwise.
+    """
+    if isinstance(model, SpeechModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return resolve_model(model)
+    if processor is None:
+        raise ValueError("an in-memory model needs its processor (or tokenizer) for the vocabulary")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    fe = getattr(processor, "feature_extractor", None)
+    ids = tokenizer.get_vocab()
+    vocab = [""] * (max(ids.values()) + 1)
+    for token, i in ids.items():
+        vocab[i] = token
+    return SpeechModel(
+        model=remove_weight_norm(model).eval(), arch=type(model).__name__, vocab=vocab,
+        blank_id=int(tokenizer.pad_token_id), word_delimiter=getattr(tokenizer, "word_delimiter_token", "|") or "|",
+        sampling_rate=int(getattr(fe, "sampling_rate", 16000)), do_normalize=bool(getattr(fe, "do_normalize", True)),
+        return_attention_mask=bool(getattr(fe, "return_attention_mask", False)), name=type(model).__name__)
+
+
+def as_batches(data, sm: SpeechModel, batch_seconds: float = 32.0) -> BatchList:
+    """Batches from a data set path, or from ``(waveform at sm.sampling_rate, transcript)`` pairs."""
+    if isinstance(data, (str, Path)):
+        return make_batches(open_dataset(data), sm, batch_seconds=batch_seconds)
+    loaded = []
+    for i, (wav, text) in enumerate(data):
+        wav = np.asarray(wav, dtype=np.float32)
+        if wav.ndim != 1 or not wav.size or not np.isfinite(wav).all():
+            raise ValueError(f"utterance {i}: expected a finite 1-D waveform, got shape {wav.shape}")
+        if not str(text).strip():
+            raise ValueError(f"utterance {i}: empty transcript")
+        loaded.append((Utterance(f"utt{i:06d}", Path(f"utt{i:06d}"), " ".join(str(text).split())),
+                       normalize_waveform(wav) if sm.do_normalize else wav))
+    return group_batches(loaded, sm.return_attention_mask, batch_seconds, sm.sampling_rate)
+
+
+def run_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, settings: Settings, recipe: str = "default",
+               state_path: str | Path | None = None, resume: bool = False, seed: int = 0,
+               progress: bool = True):
+    """Run a recipe; returns its result and the report meta (dev WERs of fp32, each uniform
+    baseline and the recipe, with paired bootstrap intervals)."""
+    from .asr import UtteranceErrors
+    from .compare import intervals, uniform_dev_errors
+    from .layerwise import run_layerwise
+    from .stablequant import DevScorer, run_stablequant
+
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    start = time.perf_counter()
+    run = run_layerwise if recipe == "default" else run_stablequant
+    result = run(sm, calib, dev, settings, state_path=state_path, resume=resume, progress=progress)
+    elapsed = time.perf_counter() - start
+    errors = {"fp32": UtteranceErrors.from_json(result.dev_errors["fp32"]),
+              **uniform_dev_errors(result, DevScorer(sm, dev))}
+    final = "stablequant" if recipe == "default" else "stablequant_paper"
+    errors[final] = UtteranceErrors.from_json(result.dev_errors[final])
+    meta = {"model": sm.source or sm.name, "arch": sm.arch, "recipe": recipe,
+            "calib_utterances": sum(len(b.ids) for b in calib), "dev_utterances": sum(len(b.ids) for b in dev),
+            "seconds": round(elapsed, 1),
+            "dev": {k: {"wer": e.wer, "cer": e.cer, "words": int(e.words.sum()),
+                        "word_errors": int(e.word_edits.sum())} for k, e in errors.items()},
+            "dev_intervals": intervals(errors, "fp32", [k for k in errors if k not in ("fp32", final)], seed=seed)}
+    return result, meta
+
+
+def quantize(model, processor=None, *, calib, dev, bits: int = 8, wbits: int | None = None,
+             recipe: str = "default", out_dir: str | Path | None = None, batch_seconds: float = 32.0,
+             seed: int = 0, progress: bool = True, **settings) -> Quantized:
+    """The whole recipe on ``model``: calibration + dev data in, config + quantized model + report out.
+
+    ``calib``/``dev``: a data set path (LibriSpeech dir, fairseq or plain TSV) or a list of
+    ``(waveform, transcript)`` pairs at the model's sampling rate. ``out_dir`` also writes the CLI's
+    outputs there (report.md/json, modelopt_config.json, model.pth, plots). Extra keyword arguments
+    are :class:`recipes.stablequant.Settings` fields (gamma, grid, num_bins).
+    """
+    torch.manual_seed(seed)
+    sm = speech_model(model, processor)
+    calib_b, dev_b = as_batches(calib, sm, batch_seconds), as_batches(dev, sm, batch_seconds)
+    s = Settings(wbits=wbits or bits, abits=bits, **settings)
+    result, meta = run_recipe(sm, calib_b, dev_b, s, recipe, seed=seed, progress=progress)
+    if out_dir is not None:
+        from .report import write_quantize_outputs
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_quantize_outputs(Path(out_dir), result, meta)
+    return Quantized(config=result.config, model=result.model.model, report={"meta": meta, **result.to_json()},
+                     result=result)
