@@ -37,9 +37,8 @@ from tqdm.auto import tqdm
 from .asr import forward_logits
 from .fastquant import fast_fake_quant
 from .models import SpeechModel
-from .qconfig import stablequant_config
 from .reuse import PrefixRunner
-from .stablequant import (DevScorer, PhaseClock, Settings, StateFile, _fingerprint, _layer_kinds,
+from .stablequant import (DevScorer, PhaseClock, Settings, StateFile, _fingerprint, _layer_kinds, base_config,
                           calibrated_copy, folded_weight_quantizers, histogram_arrays, result_json)
 
 log = logging.getLogger(__name__)
@@ -273,9 +272,8 @@ def run_layerwise(
         final_kl = divergence(final_logits)
         lap("final")
 
-    config = stablequant_config(s.wbits, s.abits, num_bins=s.num_bins)
-    config["algorithm"]["layer_calibrators"] = {n: spec_entry(*specs[chosen[n]]) for n in acts}
-    config["algorithm"]["weight_calibrator"] = w_method
+    config = base_config(s, layer_calibrators={n: spec_entry(*specs[chosen[n]]) for n in acts},
+                         weight_calibrator=w_method)
     dev_errors = {k: v.to_json() for k, v in errors.items()}
     dev_errors.update(state.data["errors"])
     return LayerwiseResult(

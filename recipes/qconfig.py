@@ -21,6 +21,8 @@ from .models import SpeechModel, remove_weight_norm
 SUPPORTED_BITS = range(2, 17)
 # quantizer-name patterns for each layer kind of the HF SFM family
 CNN_PATTERN = "*feature_extractor.conv_layers.*"
+# inputs of the CNN layers after the first (its input is the one-channel waveform)
+CNN_EQUALIZE = ("*feature_extractor.conv_layers.[1-9]*.input_quantizer",)
 
 
 def quant_cfg(wbits: int = 8, abits: int = 8, disable: Sequence[str] = ()) -> list[dict]:
@@ -51,17 +53,19 @@ def stablequant_config(
     clip_layers: Iterable[str] = (),
     num_bins: int = 2048,
     disable: Sequence[str] = (),
+    equalize: Sequence[str] = (),
+    equalize_alpha: float = 0.5,
 ) -> dict:
     """The full ``mtq.quantize`` config that reproduces a StableQuant result."""
-    return {
-        "quant_cfg": quant_cfg(wbits, abits, disable),
-        "algorithm": {
-            "method": "stablequant",
-            "cutoff": float(cutoff),
-            "clip_layers": sorted(clip_layers),
-            "num_bins": int(num_bins),
-        },
+    algorithm = {
+        "method": "stablequant",
+        "cutoff": float(cutoff),
+        "clip_layers": sorted(clip_layers),
+        "num_bins": int(num_bins),
     }
+    if equalize:
+        algorithm.update(equalize=list(equalize), equalize_alpha=float(equalize_alpha))
+    return {"quant_cfg": quant_cfg(wbits, abits, disable), "algorithm": algorithm}
 
 
 def calibration_loop(batches: Sequence):

@@ -40,6 +40,8 @@ class Settings:
     grid: list[float] = field(default_factory=lambda: parse_grid("0:0.5:0.01"))
     num_bins: int = 2048
     naive_stage1: bool = False  # re-run the whole model per layer (benchmark reference)
+    equalize: list[str] = field(default_factory=list)  # activation quantizers equalised per channel
+    equalize_alpha: float = 0.5
 
     def validate(self) -> None:
         if self.gamma < 0:
@@ -161,6 +163,7 @@ def _fingerprint(sm, calib, dev, s: Settings) -> dict:
         "calib": hashlib.sha256("\n".join(i for b in calib for i in b.ids).encode()).hexdigest()[:16],
         "dev": hashlib.sha256("\n".join(i for b in dev for i in b.ids).encode()).hexdigest()[:16],
         "wbits": s.wbits, "abits": s.abits, "gamma": s.gamma, "grid": s.grid, "num_bins": s.num_bins,
+        "equalize": list(s.equalize), "equalize_alpha": s.equalize_alpha,
     }
 
 
@@ -209,6 +212,14 @@ class PhaseClock:
         self._last = now
 
 
+def base_config(s: Settings, **algorithm) -> dict:
+    """The recipe's ModelOpt config for these settings (``algorithm`` adds decided fields)."""
+    config = stablequant_config(s.wbits, s.abits, num_bins=s.num_bins, equalize=s.equalize,
+                                equalize_alpha=s.equalize_alpha)
+    config["algorithm"].update(algorithm)
+    return config
+
+
 def calibrated_copy(sm: SpeechModel, calib_batches: Sequence, s: Settings):
     """One calibration pass: a histogram per activation quantizer, per-channel max weight amax.
 
@@ -219,7 +230,7 @@ def calibrated_copy(sm: SpeechModel, calib_batches: Sequence, s: Settings):
 
     from sq_plugin.modelopt_glue import activation_quantizers
 
-    qsm = quantize_copy(sm, stablequant_config(s.wbits, s.abits, num_bins=s.num_bins), calib_batches)
+    qsm = quantize_copy(sm, base_config(s), calib_batches)
     acts = activation_quantizers(qsm.model)
     if not acts:
         raise ValueError("the model has no enabled activation quantizers to calibrate")
@@ -334,7 +345,7 @@ def run_stablequant(
             state.save()
         lap("stage2")
 
-    config = stablequant_config(s.wbits, s.abits, cutoff=p_opt, clip_layers=marked, num_bins=s.num_bins)
+    config = base_config(s, cutoff=float(p_opt), clip_layers=sorted(marked))
     amax = {n: float(q.amax) for n, q in acts.items()}
     histograms = {n: histogram_arrays(cals[n]) for n in acts}
     return StableQuantResult(

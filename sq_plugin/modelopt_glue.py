@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from typing import ClassVar, Literal
 
+import torch
 import torch.nn as nn
 from modelopt.torch.opt.config import ModeloptField
 from modelopt.torch.quantization import model_calib
@@ -42,6 +43,12 @@ class StableQuantCalibConfig(QuantizeAlgorithmConfig):
         {}, title="fnmatch pattern -> {'calibrator': registered name, **its kwargs}; the last "
         "matching pattern wins over cutoff/clip_layers for that activation quantizer."
     )
+    equalize: list[str] = ModeloptField(
+        [], title="fnmatch patterns of activation quantizers whose layer input is equalised per channel "
+        "(SmoothQuant-style: x / s quantized, weight columns * s) before calibration."
+    )
+    equalize_alpha: float = ModeloptField(0.5, ge=0.0, le=1.0, title="Migration strength alpha of s = "
+                                          "max|x_c|^alpha / max|w_c|^(1 - alpha).")
     weight_calibrator: Literal["max", "mse"] = ModeloptField(
         "max", title="Per-channel weight amax: max |w|, or the MSE-optimal clip of each channel."
     )
@@ -171,6 +178,60 @@ def _amax_shape(q: TensorQuantizer, weight) -> tuple[int, ...]:
                  for d, n in enumerate(weight.shape))
 
 
+def equalize_inputs(model: nn.Module, forward_loop, patterns: list[str], alpha: float = 0.5) -> dict:
+    """Per-input-channel scales s for the layers of the matched activation quantizers.
+
+    One float pass collects max |x| per input channel (quantizers off); then the quantizer gets
+    ``pre_quant_scale = 1 / s`` and the weight's input columns are multiplied by s, so the
+    layer's float output is unchanged while the quantized activation's channels are evened out.
+    Conv1d inputs [B, C, T] and Linear inputs [..., C] only. Returns the scales by layer.
+    """
+    quantizers = activation_quantizers(model)
+    names = sorted(match_clip_layers(list(quantizers), list(patterns)))
+    modules = dict(model.named_modules())
+    layers = {}
+    for name in names:
+        layer = modules[name.rsplit(".", 1)[0]]
+        if not isinstance(layer, (nn.Conv1d, nn.Linear)) or getattr(layer, "groups", 1) != 1:
+            raise ValueError(f"{name}: equalize needs a plain Conv1d or Linear layer, got {type(layer).__name__}")
+        layers[name] = layer
+    x_max: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, args):
+            x = args[0].detach()
+            dims = [d for d in range(x.dim()) if d != (1 if x.dim() == 3 and isinstance(layers[name], nn.Conv1d) else x.dim() - 1)]
+            m = x.abs().amax(dim=dims).float()
+            x_max[name] = m if name not in x_max else torch.maximum(x_max[name], m)
+        return record
+
+    all_q = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
+    was_enabled = [q.is_enabled for q in all_q]
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        for q in all_q:
+            q.disable()
+        forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, on in zip(all_q, was_enabled):
+            q.enable() if on else q.disable()
+    scales = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if name not in x_max:
+                raise ValueError(f"{name}: the forward_loop never reached this layer; cannot equalize it")
+            w_max = layer.weight.detach().abs().amax(dim=[d for d in range(layer.weight.dim()) if d != 1]).float()
+            s = (x_max[name].clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+            shape = [1] * layer.weight.dim()
+            shape[1] = -1
+            layer.weight.mul_(s.view(shape).to(layer.weight.dtype))
+            quantizers[name].pre_quant_scale = (1.0 / s).view(-1, 1) if isinstance(layer, nn.Conv1d) else 1.0 / s
+            scales[name] = s
+    return scales
+
+
 def stablequant_calibrate(
     model: nn.Module,
     forward_loop=None,
@@ -180,11 +241,15 @@ def stablequant_calibrate(
     mse: bool = True,
     layer_calibrators: dict[str, dict] | None = None,
     weight_calibrator: str = "max",
+    equalize: list[str] | tuple[str, ...] = (),
+    equalize_alpha: float = 0.5,
     **_ignored,
 ) -> None:
     """Algorithm 2 on every activation quantizer, driven by ModelOpt's max-calibration loop."""
     if forward_loop is None:
         raise ValueError("the 'stablequant' algorithm needs a forward_loop with calibration data")
+    if equalize:
+        equalize_inputs(model, forward_loop, list(equalize), equalize_alpha)
     install_stablequant_calibrators(model, cutoff, clip_layers, num_bins, mse, layer_calibrators)
     model_calib.max_calibrate(model, forward_loop, distributed_sync=False)
     if weight_calibrator == "mse":

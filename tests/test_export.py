@@ -405,3 +405,33 @@ def test_onnx_model_plugs_into_evaluate(int8):
     out = onnx_sm.model(x, attention_mask=mask).logits
     alone = onnx_sm.model.logits(x[1:, :11_000].numpy())[0]
     np.testing.assert_allclose(out[1, : alone.shape[0]].numpy(), alone, atol=1e-6)
+
+
+def test_equalized_cnn_exports_faithfully(tmp_path):
+    """Per-channel equalisation (pre_quant_scale + scaled weights) keeps the float model's output
+    and survives export: ONNX Runtime matches the torch fake-quant model."""
+    from recipes.qconfig import CNN_EQUALIZE, stablequant_config
+
+    import sq_plugin  # noqa: F401
+
+    sm = random_model("tiny", seed=4)
+    remove_weight_norm(sm.model)
+    calib = torch.randn(2, SR, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(1, SR // 2, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        float_ref = sm.model(x).logits
+    cfg = stablequant_config(8, 8, num_bins=256, equalize=CNN_EQUALIZE, equalize_alpha=0.8)
+    mtq.quantize(sm.model, cfg, lambda m: m(calib))
+    conv1 = sm.model.wav2vec2.feature_extractor.conv_layers[1].conv
+    assert conv1.input_quantizer.pre_quant_scale is not None
+    assert sm.model.wav2vec2.feature_extractor.conv_layers[0].conv.input_quantizer.pre_quant_scale is None
+    # float forward unchanged by the equalisation itself (quantizers off)
+    quantizers = enabled_quantizers(sm.model)
+    for q in quantizers.values():
+        q.disable()
+    with torch.no_grad():
+        torch.testing.assert_close(sm.model(x).logits, float_ref, rtol=1e-4, atol=1e-4)
+    for q in quantizers.values():
+        q.enable()
+    path = export_onnx(sm, tmp_path / "eq.onnx")["path"]
+    assert_close_to_torch(sm, path, [(1, 8000)])
