@@ -56,3 +56,23 @@ def test_python_entry_point_snippet_runs_and_its_config_reapplies():
     for name, q in fresh.named_modules():
         if isinstance(q, TensorQuantizer) and q.is_enabled:
             assert torch.equal(q.amax, mine[name].amax), name
+
+
+def test_every_stablequant_option_the_readme_names_exists():
+    """Each `stablequant SUB ... --flag` in the README names a real sub-command and real flags."""
+    import argparse
+
+    from recipes.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    text = README.read_text().replace("\\\n", " ")
+    uses = re.findall(r"stablequant (quantize|compare|eval|export|calibrators)\b([^`|\n]*)", text)
+    assert len(uses) >= 10
+    checked = 0
+    for command, rest in uses:
+        known = {s for a in subparsers[command]._actions for s in a.option_strings}
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest):
+            assert flag in known, f"README: `stablequant {command}` has no option {flag}"
+            checked += 1
+    assert checked >= 20
