@@ -35,10 +35,6 @@ def outputs(model: torch.nn.Module, batches: Sequence) -> list[torch.Tensor]:
         return [forward_logits(model, b) for b in batches]
 
 
-def score(sm: SpeechModel, model: torch.nn.Module, scorer: DevScorer) -> float:
-    return scorer.wer(outputs(model, scorer.batches))
-
-
 def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
     """Dev per-utterance edits of each baseline applied to every activation quantizer.
 

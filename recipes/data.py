@@ -30,11 +30,11 @@ class Utterance:
 
 @dataclass
 class Batch:
-    """Padded model inputs plus what evaluation needs to score them."""
+    """Model inputs (equal-length utterances, never padded) plus what evaluation needs to score them."""
 
     input_values: torch.Tensor  # [B, T] float32
     attention_mask: torch.Tensor | None  # [B, T] long, only if the model was trained with one
-    lengths: torch.Tensor  # [B] samples before padding
+    lengths: torch.Tensor  # [B] samples per utterance
     texts: list[str]
     ids: list[str]
 
@@ -101,9 +101,13 @@ def read_librispeech(root: str | Path) -> list[Utterance]:
     return sorted(utts, key=lambda u: u.id)
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path, first_only: bool = False) -> list[str]:
     """UTF-8 text lines; a byte that is not UTF-8 is an error naming the file and line."""
-    data = path.read_bytes()
+    if first_only:
+        with open(path, "rb") as f:
+            data = f.readline()
+    else:
+        data = path.read_bytes()
     try:
         return data.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -172,7 +176,7 @@ def detect_format(path: str | Path) -> str:
         return "librispeech"
     if not path.is_file():
         raise FileNotFoundError(f"dataset not found: {path}")
-    first = (_read_lines(path) or [""])[0]
+    first = (_read_lines(path, first_only=True) or [""])[0]
     return "plain" if "\t" in first else "fairseq"
 
 

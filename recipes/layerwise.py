@@ -38,8 +38,8 @@ from .asr import forward_logits
 from .fastquant import fast_fake_quant
 from .models import SpeechModel
 from .reuse import PrefixRunner
-from .stablequant import (DevScorer, PhaseClock, Settings, StateFile, _fingerprint, _layer_kinds, base_config,
-                          calibrated_copy, folded_weight_quantizers, histogram_arrays, result_json)
+from .stablequant import (Settings, base_config, begin_recipe, calibrated_copy, folded_weight_quantizers,
+                          histogram_arrays, result_json)
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,10 @@ def run_layerwise(
     """The default recipe on ``sm``: best uniform start, then the best calibrator per layer."""
     from sq_plugin.modelopt_glue import set_mse_weight_amax, weight_quantizers
 
-    s = settings or Settings()
-    s.validate()
-    scorer = DevScorer(sm, dev_batches)
-    state = StateFile(state_path, {**_fingerprint(sm, calib_batches, dev_batches, s), "recipe": "default"},
-                      resume)
+    s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
+                                                  recipe="default")
     for key in ("starts", "layers", "errors"):
         state.data.setdefault(key, {})
-    kinds = _layer_kinds(sm)
-    clock = PhaseClock()
     lap = clock.lap
     qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model
@@ -215,9 +210,9 @@ def run_layerwise(
         for name, kw in tqdm(UNIFORM, desc="uniform starts", disable=not progress):
             start_run(spec_label(name, kw), "max")
         starts = state.data["starts"]
-        best_act = min(starts, key=lambda k: (starts[k]["kl"], list(starts).index(k))).rsplit("/", 1)[0]
+        best_act = min(starts, key=lambda k: starts[k]["kl"]).rsplit("/", 1)[0]  # ties: the first
         start_run(best_act, "mse")
-        start = min(starts, key=lambda k: (starts[k]["kl"], list(starts).index(k)))
+        start = min(starts, key=lambda k: starts[k]["kl"])
         start_label, w_method = start.rsplit("/", 1)
         set_weights(w_method)
         chosen = {n: start_label for n in acts}

@@ -238,6 +238,17 @@ def calibrated_copy(sm: SpeechModel, calib_batches: Sequence, s: Settings):
     return qsm, acts, quantizers, {n for n, q in quantizers.items() if q.is_enabled}
 
 
+def begin_recipe(sm: SpeechModel, calib_batches: Sequence, dev_batches: Sequence, settings: Settings | None,
+                 state_path: str | Path | None, resume: bool, **fingerprint):
+    """What every recipe run starts with: validated settings, the dev scorer, the state file
+    (``fingerprint`` adds fields that tell runs apart), layer kinds and a phase clock."""
+    s = settings or Settings()
+    s.validate()
+    scorer = DevScorer(sm, dev_batches)
+    state = StateFile(state_path, {**_fingerprint(sm, calib_batches, dev_batches, s), **fingerprint}, resume)
+    return s, scorer, state, _layer_kinds(sm), PhaseClock()
+
+
 def _layer_kinds(sm: SpeechModel) -> dict[str, str]:
     return {info.path: info.kind for info in layer_inventory(sm.model)}
 
@@ -252,12 +263,7 @@ def run_stablequant(
     progress: bool = True,
 ) -> StableQuantResult:
     """Algorithm 1 on ``sm``; returns the quantized copy, the decisions and a ModelOpt config."""
-    s = settings or Settings()
-    s.validate()
-    scorer = DevScorer(sm, dev_batches)
-    state = StateFile(state_path, _fingerprint(sm, calib_batches, dev_batches, s), resume)
-    kinds = _layer_kinds(sm)
-    clock = PhaseClock()
+    s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume)
     lap = clock.lap
     qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model

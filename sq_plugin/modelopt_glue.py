@@ -198,10 +198,11 @@ def equalize_inputs(model: nn.Module, forward_loop, patterns: list[str], alpha: 
     x_max: dict[str, torch.Tensor] = {}
 
     def hook(name):
+        channel = 1 if isinstance(layers[name], nn.Conv1d) else -1  # [B, C, T] or [..., C]
+
         def record(_module, args):
             x = args[0].detach()
-            dims = [d for d in range(x.dim()) if d != (1 if x.dim() == 3 and isinstance(layers[name], nn.Conv1d) else x.dim() - 1)]
-            m = x.abs().amax(dim=dims).float()
+            m = x.abs().amax(dim=[d for d in range(x.dim()) if d != channel % x.dim()]).float()
             x_max[name] = m if name not in x_max else torch.maximum(x_max[name], m)
         return record
 
