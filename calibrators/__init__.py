@@ -15,6 +15,7 @@ from .search import (
     max_amax,
     mse_amax,
     percentile_amax,
+    shifted_range,
     stablequant_amax,
     stablequant_amax_grid,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "mse_amax",
     "per_channel_mse_amax",
     "percentile_amax",
+    "shifted_range",
     "stablequant_amax",
     "stablequant_amax_grid",
 ]

@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "clip_index",
+    "shifted_range",
     "entropy_amax",
     "max_amax",
     "mse_amax",
@@ -244,3 +245,19 @@ def entropy_amax(counts, edges, amax: float, num_bits: int, unsigned: bool = Fal
             best_i, best_kl = i, kl
     return float(min(edges[best_i], amax))
 
+
+
+def shifted_range(upper: float, signed_min: float) -> tuple[float, float]:
+    """(amax, bias) of a symmetric quantizer moved to cover ``[min(signed_min, 0), upper]``.
+
+    A one-sided tensor (GELU or ReLU outputs: nothing below about -0.17) wastes the negative half
+    of a symmetric grid. Quantizing ``x - bias`` with ``amax`` puts every level inside
+    ``[lo, upper]``, which halves the step for the same ``upper``: the resolution of one more bit.
+    The shift folds exactly into the next layer's bias (W (q + bias) = W q + W bias), so the
+    quantizer itself stays symmetric with zero point 0, as TensorRT deploys it.
+    """
+    lo = min(float(signed_min), 0.0)
+    upper = float(upper)
+    if not (math.isfinite(lo) and math.isfinite(upper)) or upper < 0:
+        raise ValueError(f"shifted_range needs finite values and upper >= 0, got upper={upper} min={signed_min}")
+    return (upper - lo) / 2, (upper + lo) / 2

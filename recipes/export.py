@@ -58,6 +58,7 @@ class QuantSpec:
     qmax: int
     axis: int | None  # per-channel axis, None = per-tensor
     amax: torch.Tensor  # as stored by ModelOpt (keepdims shape for per-channel)
+    shift: float = 0.0  # one-sided range: x - shift is quantized, shift added back after DQ
 
     @property
     def scale(self) -> torch.Tensor:
@@ -106,9 +107,13 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
         if q.unsigned:
             raise ExportError(f"{name}: unsigned quantization is not supported (symmetric int8 "
                               "with zero point 0 only)")
+        shift = 0.0
         if q.bias is not None:
-            raise ExportError(f"{name}: asymmetric quantization (bias {q.bias}) is not supported; "
-                              "zero point must be 0")
+            value = getattr(q, "bias_value", None) if q.bias.get("type", "static") == "static" else None
+            if value is None or value.numel() != 1:
+                raise ExportError(f"{name}: asymmetric quantization (bias {q.bias}) is not supported; "
+                                  "zero point must be 0 (only a static per-tensor shift is)")
+            shift = float(value)
         if q.block_sizes:
             raise ExportError(f"{name}: block quantization {q.block_sizes} is not supported")
         if getattr(q, "backend", None) not in (None, EXPORT_BACKEND):
@@ -123,7 +128,7 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
             raise ExportError(f"{name}: amax has negative or non-finite values")
         axis = _single_axis(q, name) if amax.numel() > 1 else None
         specs[name] = QuantSpec(name, bits, *int_range(bits, q.narrow_range), axis,
-                                amax.detach().clone())
+                                amax.detach().clone(), shift)
     return specs
 
 
@@ -134,15 +139,19 @@ class _QDQ(torch.autograd.Function):
     """Fake-quant in torch (ModelOpt's own kernel), Clip? -> QuantizeLinear -> DequantizeLinear in ONNX."""
 
     @staticmethod
-    def forward(ctx, inputs, amax, num_bits, narrow_range, axis, qmin, qmax):
+    def forward(ctx, inputs, amax, num_bits, narrow_range, axis, qmin, qmax, shift):
         from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
 
-        return fake_tensor_quant(inputs, amax, None, num_bits, False, narrow_range)
+        bias = torch.tensor(shift, dtype=inputs.dtype, device=inputs.device) if shift else None
+        return fake_tensor_quant(inputs, amax, bias, num_bits, False, narrow_range)
 
     @staticmethod
-    @symbolic_helper.parse_args("v", "t", "i", "b", "i", "i", "i")
-    def symbolic(g, inputs, amax, num_bits, narrow_range, axis, qmin, qmax):
+    @symbolic_helper.parse_args("v", "t", "i", "b", "i", "i", "i", "f")
+    def symbolic(g, inputs, amax, num_bits, narrow_range, axis, qmin, qmax, shift):
         spec = QuantSpec("", num_bits, qmin, qmax, axis, amax)
+        if shift:  # a one-sided range: Sub -> Q -> DQ -> Add (the Add folds into the next layer)
+            shift_c = g.op("Constant", value_t=torch.tensor(shift, dtype=torch.float32))
+            inputs = g.op("Sub", inputs, shift_c)
         scale_kd = spec.scale  # keepdims shape: broadcasts against the input for the clip
         if spec.needs_clip:
             hi = g.op("Constant", value_t=scale_kd * qmax)
@@ -153,14 +162,17 @@ class _QDQ(torch.autograd.Function):
         zero_c = g.op("Constant", value_t=torch.zeros(scale.shape, dtype=torch.int8))
         axis_kw = {} if axis is None else {"axis_i": axis}
         quantized = g.op("QuantizeLinear", inputs, scale_c, zero_c, **axis_kw)
-        return g.op("DequantizeLinear", quantized, scale_c, zero_c, **axis_kw)
+        out = g.op("DequantizeLinear", quantized, scale_c, zero_c, **axis_kw)
+        return g.op("Add", out, shift_c) if shift else out
 
 
 def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
     amax = quantizer._get_amax(inputs)
     bits, narrow = quantizer.num_bits, quantizer.narrow_range
     axis = _single_axis(quantizer, "quantizer") if amax.numel() > 1 else None
-    return _QDQ.apply(inputs, amax, bits, narrow, axis, *int_range(bits, narrow))
+    bias = quantizer._get_bias(inputs)
+    return _QDQ.apply(inputs, amax, bits, narrow, axis, *int_range(bits, narrow),
+                      0.0 if bias is None else float(bias))
 
 
 @contextlib.contextmanager

@@ -43,12 +43,16 @@ def fake_quant_int(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsi
 
 
 def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    return fake_quant_int(inputs, quantizer._get_amax(inputs), quantizer._num_bits,
-                          quantizer._unsigned, quantizer._narrow_range)
+    bias = quantizer._get_bias(inputs)  # a shifted range: quantize x - bias, add it back
+    if bias is not None:
+        inputs = inputs - bias
+    out = fake_quant_int(inputs, quantizer._get_amax(inputs), quantizer._num_bits,
+                         quantizer._unsigned, quantizer._narrow_range)
+    return out if bias is None else out + bias
 
 
 def eligible(quantizer) -> bool:
-    """Plain integer fake quant on CPU with a calibrated amax (enabled or not): the fast path."""
+    """Plain integer fake quant on CPU with a calibrated amax and a static shift if any: the fast path."""
     return (
         getattr(quantizer, "backend", None) is None
         and isinstance(quantizer._num_bits, int)
@@ -56,8 +60,7 @@ def eligible(quantizer) -> bool:
         and not quantizer._dynamic
         and getattr(quantizer, "_amax", None) is not None
         and quantizer._amax.device.type == "cpu"
-        and getattr(quantizer, "_bias_value", None) is None
-        and not getattr(quantizer, "bias", None)
+        and (not quantizer.bias or quantizer.bias_type == "static")
     )
 
 

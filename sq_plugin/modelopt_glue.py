@@ -152,6 +152,17 @@ def install_stablequant_calibrators(
     return installed
 
 
+def set_shift(q: TensorQuantizer, bias: torch.Tensor | float) -> None:
+    """Quantize ``x - bias`` and add ``bias`` back: a one-sided range on a symmetric grid.
+
+    Uses ModelOpt's static affine bias (``fake_tensor_quant(x, amax, bias)``) with our value, set
+    after calibration so ModelOpt's own bias calibrator never shifts the data being collected.
+    ``recipes.export`` folds it into the consumer's bias for TensorRT.
+    """
+    q.set_from_attribute_config({"bias": {0: None, "type": "static", "method": "max_min"}})
+    q.bias_value = torch.as_tensor(bias, dtype=torch.float32, device=q.amax.device).reshape(())
+
+
 def weight_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, TensorQuantizer]]:
     """Enabled weight quantizers by module path, with the module whose ``weight`` they quantize."""
     return {
@@ -251,8 +262,12 @@ def stablequant_calibrate(
         raise ValueError("the 'stablequant' algorithm needs a forward_loop with calibration data")
     if equalize:
         equalize_inputs(model, forward_loop, list(equalize), equalize_alpha)
-    install_stablequant_calibrators(model, cutoff, clip_layers, num_bins, mse, layer_calibrators)
+    installed = install_stablequant_calibrators(model, cutoff, clip_layers, num_bins, mse, layer_calibrators)
     model_calib.max_calibrate(model, forward_loop, distributed_sync=False)
+    quantizers = activation_quantizers(model)
+    for name, cal in installed.items():
+        if cal.shift:
+            set_shift(quantizers[name], cal.compute_bias())
     if weight_calibrator == "mse":
         set_mse_weight_amax(model)
 

@@ -297,3 +297,32 @@ def test_package_does_not_import_sq_plugin_or_recipes():
                 continue
             for name in names:
                 assert name.split(".")[0] not in ("sq_plugin", "recipes"), (path.name, name)
+
+
+def test_shifted_range_hand_computed():
+    from calibrators import shifted_range
+
+    assert shifted_range(5.0, -0.17) == pytest.approx((2.585, 2.415))
+    assert shifted_range(4.0, 1.0) == (2.0, 2.0)  # all positive: the range starts at 0
+    with pytest.raises(ValueError, match="upper"):
+        shifted_range(float("nan"), -1.0)
+
+
+@pytest.mark.parametrize("name", ["mse", "entropy", "percentile", "stablequant"])
+def test_shift_searches_one_more_bit_then_moves_the_range(name):
+    """shift=True: upper = the same search with b+1 bits; amax/bias cover [min(x), upper]."""
+    from sq_plugin import calibrator_class
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.gelu(torch.randn(20000, generator=g) * 2)  # one-sided, min about -0.17
+    cls = calibrator_class(name)
+    plain7 = cls(num_bits=7)
+    plain7.collect(x)
+    shifted6 = cls(num_bits=6, shift=True)
+    shifted6.collect(x)
+    upper = float(plain7.compute_amax())
+    lo = float(x.min())
+    assert float(shifted6.compute_amax()) == pytest.approx((upper - lo) / 2, rel=1e-6)
+    assert float(shifted6.compute_bias()) == pytest.approx((upper + lo) / 2, rel=1e-6)
+    assert shifted6.search(shifted6.histogram, lo) == pytest.approx(((upper - lo) / 2, (upper + lo) / 2), rel=1e-6)
+    assert cls(num_bits=6).compute_bias() is None

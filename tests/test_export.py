@@ -435,3 +435,24 @@ def test_equalized_cnn_exports_faithfully(tmp_path):
         q.enable()
     path = export_onnx(sm, tmp_path / "eq.onnx")["path"]
     assert_close_to_torch(sm, path, [(1, 8000)])
+
+
+def test_shifted_ranges_export_faithfully(tmp_path):
+    """One-sided (shifted) activation ranges: Sub -> Q -> DQ -> Add in ONNX, and ONNX Runtime
+    matches the torch fake-quant model."""
+    import sq_plugin  # noqa: F401
+    from recipes.qconfig import quant_cfg
+
+    sm = random_model("tiny", seed=6)
+    remove_weight_norm(sm.model)
+    calib = torch.randn(2, SR, generator=torch.Generator().manual_seed(6))
+    cfg = {"quant_cfg": quant_cfg(8, 8), "algorithm": {"method": "stablequant", "num_bins": 256, "layer_calibrators": {
+        "*conv_layers.[1-9]*": {"calibrator": "mse", "shift": True},
+        "*output_dense.input_quantizer": {"calibrator": "percentile", "shift": True}}}}
+    mtq.quantize(sm.model, cfg, lambda m: m(calib))
+    shifted = [n for n, q in enabled_quantizers(sm.model).items() if q.bias]
+    assert len(shifted) >= 3
+    path = export_onnx(sm, tmp_path / "shift.onnx")["path"]
+    subs = [n for n in onnx.load(path).graph.node if n.op_type == "Sub" and "input_quantizer" in n.name]
+    assert len(subs) == len(shifted)
+    assert_close_to_torch(sm, path, [(1, 8000)])

@@ -53,3 +53,30 @@ def test_model_outputs_identical_and_backend_restored():
             fast = model(x).logits
     assert torch.equal(ref, fast)
     assert all(q.backend is None for q in model.modules() if isinstance(q, TensorQuantizer))
+
+
+def test_shifted_quantizers_stay_bitwise_equal():
+    """A static shift (one-sided range) goes through the fast path with ModelOpt's arithmetic."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from recipes.models import random_model, remove_weight_norm
+    from recipes.qconfig import calibration_loop, quant_cfg
+
+    sm = random_model("tiny", seed=3)
+    model = remove_weight_norm(copy.deepcopy(sm.model))
+    x = torch.randn(2, 6000, generator=torch.Generator().manual_seed(1))
+
+    class B:
+        input_values, attention_mask = x, None
+
+    config = {"quant_cfg": quant_cfg(6, 6), "algorithm": {
+        "method": "stablequant", "layer_calibrators": {"*conv_layers.[1-9]*": {"calibrator": "mse", "shift": True}}}}
+    mtq.quantize(model, config, calibration_loop([B]))
+    shifted = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.bias]
+    assert shifted and all(eligible(q) for q in shifted)
+    with torch.no_grad():
+        ref = model(x).logits
+        with fast_fake_quant(model):
+            fast = model(x).logits
+    assert torch.equal(ref, fast)

@@ -14,6 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import sq_plugin
 from calibrators import StableQuantCalibrator, stablequant_amax
@@ -339,3 +340,32 @@ def test_calibrator_chosen_in_quant_cfg_is_kept(tiny):
     assert isinstance(q[CONV0]._calibrator, StableQuantCalibrator)
     raw = _captured_inputs(model0, audio)[name.rsplit(".", 1)[0]]
     assert float(q[name].amax) < raw.max()  # the 99th percentile, not the max
+
+
+def test_shift_entry_quantizes_a_one_sided_range_and_survives_save_restore(tmp_path):
+    """{"shift": true}: the quantizer rounds (x - bias) on a symmetric grid over [min(x), upper]."""
+    import modelopt.torch.opt as mto
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x = torch.randn(64, 8) * 3
+    config = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                            {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 6, "axis": None}}],
+              "algorithm": {"method": "stablequant",
+                            "layer_calibrators": {"*2.input_quantizer": {"calibrator": "max", "shift": True}}}}
+    qmodel = mtq.quantize(copy.deepcopy(model), config, lambda m: m(x))
+    q = qmodel[2].input_quantizer
+    with torch.no_grad():
+        h = nn.functional.gelu(model[0](x))
+        lo, hi = float(h.min()), float(h.abs().max())  # "max" with one more bit is still max |x|
+        assert float(q.amax) == pytest.approx((hi - lo) / 2, rel=1e-6)
+        assert float(q.bias_value) == pytest.approx((hi + lo) / 2, rel=1e-6)
+        step = float(q.amax) / 31
+        expected = torch.clamp(torch.round((h - q.bias_value) / step), -31, 31) * step + q.bias_value
+        assert torch.allclose(q(h), expected, atol=1e-6)
+        assert float(q(h).min()) == pytest.approx(lo, abs=step)  # the grid starts at min(x), not -max
+        y = qmodel(x)
+    mto.save(qmodel, tmp_path / "m.pth")
+    restored = mto.restore(copy.deepcopy(model), tmp_path / "m.pth")
+    with torch.no_grad():
+        assert torch.equal(restored(x), y)
