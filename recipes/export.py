@@ -235,6 +235,9 @@ def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
             for attr in node.attribute:
                 if attr.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
+    for node in graph.node:  # the exporter shares equal initialisers through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 
@@ -404,6 +407,83 @@ def _container_note(specs: dict[str, QuantSpec]) -> str | None:
     return "; ".join(parts) + ". Storage and compute are int8; accuracy is that of the narrow grid."
 
 
+def _dequantized_weight(name: str, producers, consts) -> np.ndarray | None:
+    """Float value of a weight stored as int8 -> DequantizeLinear (None if it is not one)."""
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in consts:
+        return None
+    w, scale = consts[dq.input[0]].astype(np.float32), consts[dq.input[1]].astype(np.float32)
+    if scale.ndim == 1:
+        shape = [1] * w.ndim
+        shape[_attr(dq, "axis", 1)] = scale.size
+        scale = scale.reshape(shape)
+    return w * scale
+
+
+def fold_input_shifts(model_proto: onnx.ModelProto) -> int:
+    """DQ -> Add(shift) -> Conv/MatMul becomes DQ -> Conv/MatMul with ``shift * sum(W)`` in the bias.
+
+    A shifted (one-sided) activation range is exported as Sub -> Q -> DQ -> Add; TensorRT fuses
+    Q/DQ into an int8 layer only when DQ feeds the layer directly. W (q + c) = W q + c W 1 exactly,
+    so the Add moves into the layer's bias (a Conv without padding; a MatMul followed by its bias
+    Add). Where that is not possible the Add stays (still correct, the layer then runs in float).
+    Returns how many shifts were folded.
+    """
+    graph = model_proto.graph
+    consts = constant_values(graph)
+    producers = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for inp in n.input:
+            consumers.setdefault(inp, []).append(n)
+    dead, new_inits, folded = set(), [], 0
+    for add in list(graph.node):
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        src, shift_name = add.input
+        if getattr(producers.get(src), "op_type", None) != "DequantizeLinear" or shift_name not in consts \
+                or consts[shift_name].size != 1:
+            continue
+        shift = float(consts[shift_name].reshape(()))
+        users = consumers.get(add.output[0], [])
+        plans = []
+        for user in users:
+            plan = None
+            if user.op_type == "Conv" and user.input[0] == add.output[0] and not any(_attr(user, "pads", [0])):
+                w = _dequantized_weight(user.input[1], producers, consts)
+                if w is not None and (len(user.input) < 3 or user.input[2] in consts):
+                    bias = consts[user.input[2]] if len(user.input) > 2 and user.input[2] else np.zeros(w.shape[0], np.float32)
+                    plan = (user, 2, bias + shift * w.reshape(w.shape[0], -1).sum(axis=1))
+            elif user.op_type == "MatMul" and user.input[0] == add.output[0]:
+                w = _dequantized_weight(user.input[1], producers, consts)
+                after = consumers.get(user.output[0], [])
+                if w is not None and w.ndim == 2 and len(after) == 1 and after[0].op_type == "Add":
+                    k = 1 if after[0].input[0] == user.output[0] else 0
+                    if after[0].input[k] in consts and consts[after[0].input[k]].shape == (w.shape[1],):
+                        plan = (after[0], k, consts[after[0].input[k]] + shift * w.sum(axis=0))
+            if plan is None:
+                break
+            plans.append((user, plan))
+        if not users or len(plans) != len(users):
+            continue
+        for user, (node, index, bias) in plans:
+            user.input[0] = src
+            name = f"{node.name or node.output[0]}_shift_bias"
+            new_inits.append(numpy_helper.from_array(bias.astype(np.float32), name))
+            if index < len(node.input):
+                node.input[index] = name
+            else:
+                node.input.append(name)
+        dead.add(id(add))
+        folded += 1
+    kept = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(new_inits)
+    prune_unused(graph)
+    return folded
+
+
 def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, opset: int = MIN_OPSET,
                 allow_fp32: bool = False, bits_note: str | None = None,
                 metadata: dict[str, str] | None = None) -> dict:
@@ -465,6 +545,7 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
             proto = onnx.load(str(tmp))
             folded = fold_weight_quantizers(proto)
             absorb_weight_transposes(proto)
+            fold_input_shifts(proto)
             for key, value in meta.items():
                 proto.metadata_props.add(key=key, value=value)
             proto.producer_name = "sq-plugin"

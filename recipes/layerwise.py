@@ -64,17 +64,53 @@ def spec_label(name: str, kwargs: dict) -> str:
     return " ".join([name, *(str(v) for v in kwargs.values())])
 
 
-def calibrator_amax(cal, name: str, kwargs: dict, num_bins: int | None = None) -> float:
-    """Amax of registered calibrator ``name`` on the histogram ``cal`` already collected."""
+SHIFT = " +shift"
+# A quantizer is offered shifted (one-sided) candidates when its data barely goes negative:
+# min(x) >= -ONE_SIDED * max|x|, where the shift narrows the range by at least a quarter.
+ONE_SIDED = 0.5
+
+
+def calibrator_amax(cal, name: str, kwargs: dict, num_bins: int | None = None, shift: bool = False):
+    """Amax of registered calibrator ``name`` on the histogram ``cal`` already collected.
+
+    ``shift=True``: ``(amax, bias)`` of its one-sided range (see ``calibrators.shifted_range``).
+    """
     from sq_plugin import calibrator_class
 
-    return calibrator_class(name)(num_bits=cal._num_bits, unsigned=cal._unsigned,
-                                  num_bins=num_bins or cal.histogram.num_bins, **kwargs).search(cal.histogram)
+    searcher = calibrator_class(name)(num_bits=cal._num_bits, unsigned=cal._unsigned,
+                                      num_bins=num_bins or cal.histogram.num_bins, shift=shift, **kwargs)
+    return searcher.search(cal.histogram, cal.signed_min) if shift else searcher.search(cal.histogram)
 
 
-def spec_entry(name: str, kwargs: dict) -> dict:
+def one_sided(cal) -> bool:
+    """Whether shifted candidates are worth trying for the data this calibrator collected."""
+    return cal.histogram.amax > 0 and cal.signed_min >= -ONE_SIDED * cal.histogram.amax
+
+
+def spec_entry(name: str, kwargs: dict, shift: bool = False) -> dict:
     """The ``layer_calibrators`` entry that re-creates this candidate in ModelOpt."""
-    return {"calibrator": name, **kwargs}
+    return {"calibrator": name, **kwargs, **({"shift": True} if shift else {})}
+
+
+def layer_candidates(cal, num_bins: int, shifted: bool) -> dict[str, tuple[float, float]]:
+    """label -> (amax, bias) of every candidate for one quantizer, from its one histogram."""
+    out = {spec_label(name, kw): (calibrator_amax(cal, name, kw, num_bins), 0.0) for name, kw in CANDIDATES}
+    if shifted:
+        out.update({spec_label(name, kw) + SHIFT: calibrator_amax(cal, name, kw, num_bins, shift=True)
+                    for name, kw in CANDIDATES})
+    return out
+
+
+def walk_ladder(labels: list[str], start: str, score) -> str:
+    """From ``start``, step along ``labels`` (ordered by amax) while ``score`` falls; the best reached."""
+    i = labels.index(start)
+    for direction in (-1, 1):
+        j = i
+        while 0 <= j + direction < len(labels) and score(labels[j + direction]) < score(labels[j]):
+            j += direction
+        if j != i:
+            return labels[j]
+    return start
 
 
 class LogitDivergence:
@@ -113,6 +149,7 @@ class LayerChoice:
     kind: str
     chosen: str  # candidate label
     amax: float
+    shift: float  # quantized x - shift (0: a symmetric range)
     kl: dict[str, float]  # candidate label -> dev KL with this layer at that candidate
 
 
@@ -149,7 +186,7 @@ def run_layerwise(
     progress: bool = True,
 ) -> LayerwiseResult:
     """The default recipe on ``sm``: best uniform start, then the best calibrator per layer."""
-    from sq_plugin.modelopt_glue import set_mse_weight_amax, weight_quantizers
+    from sq_plugin.modelopt_glue import set_mse_weight_amax, set_shift, weight_quantizers
 
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
                                                   recipe="default")
@@ -158,9 +195,12 @@ def run_layerwise(
     lap = clock.lap
     qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model
-    candidates = {n: {spec_label(name, kw): calibrator_amax(q._calibrator, name, kw, s.num_bins)
-                      for name, kw in CANDIDATES} for n, q in acts.items()}
-    specs = {spec_label(name, kw): (name, kw) for name, kw in CANDIDATES}
+    shiftable = {n for n, q in acts.items() if one_sided(q._calibrator)}
+    candidates = {n: layer_candidates(q._calibrator, s.num_bins, n in shiftable) for n, q in acts.items()}
+    specs = {spec_label(name, kw): (name, kw, False) for name, kw in CANDIDATES}
+    specs.update({spec_label(name, kw) + SHIFT: (name, kw, True) for name, kw in CANDIDATES})
+    for n in shiftable:
+        set_shift(acts[n], 0.0)  # a zero shift is exact (x - 0 + 0); candidates then move it
     weights = weight_quantizers(model)
     weight_amax = {"max": {n: q.amax.clone() for n, (_, q) in weights.items()}}
     set_mse_weight_amax(model)
@@ -180,6 +220,16 @@ def run_layerwise(
         for n, (_, q) in weights.items():
             q.amax = weight_amax[method][n]
 
+    def own_label(n: str, label: str) -> str:
+        """A shifted label on a quantizer without shifted candidates means its plain twin."""
+        return label if label in candidates[n] else label.removesuffix(SHIFT)
+
+    def apply(n: str, label: str) -> None:
+        amax, bias = candidates[n][label]
+        acts[n].amax = amax
+        if n in shiftable:
+            acts[n].bias_value = torch.tensor(bias)
+
     with fast_fake_quant(model):
         for q in quantizers.values():  # fp32 reference: every quantizer off
             q.disable()
@@ -192,14 +242,14 @@ def run_layerwise(
             q.enable() if n in enabled else q.disable()
         lap("float")
 
-        # Uniform starts: one method for every activation quantizer (weights per-channel max),
-        # then the best of them with MSE-optimal weights.
+        # Uniform starts: one method for every activation quantizer (weights per-channel max), each
+        # also shifted where the data is one-sided; then the best of them with MSE-optimal weights.
         def start_run(label: str, w: str) -> None:
             key = f"{label}/{w}"
             if key not in state.data["starts"]:
                 set_weights(w)
                 for n in acts:
-                    acts[n].amax = candidates[n][label]
+                    apply(n, own_label(n, label))
                 with folded_weight_quantizers(model):
                     logits = outputs(None)
                 errs = scorer.errors(logits)
@@ -207,57 +257,58 @@ def run_layerwise(
                 state.data["errors"][key] = errs.to_json()
                 state.save()
 
-        for name, kw in tqdm(UNIFORM, desc="uniform starts", disable=not progress):
-            start_run(spec_label(name, kw), "max")
+        uniform = [spec_label(name, kw) for name, kw in UNIFORM]
+        for label in tqdm(uniform + [u + SHIFT for u in uniform if shiftable], desc="uniform starts",
+                          disable=not progress):
+            start_run(label, "max")
         starts = state.data["starts"]
         best_act = min(starts, key=lambda k: starts[k]["kl"]).rsplit("/", 1)[0]  # ties: the first
         start_run(best_act, "mse")
         start = min(starts, key=lambda k: starts[k]["kl"])
         start_label, w_method = start.rsplit("/", 1)
         set_weights(w_method)
-        chosen = {n: start_label for n in acts}
+        chosen = {n: own_label(n, start_label) for n in acts}
         for n in acts:
-            acts[n].amax = candidates[n][start_label]
+            apply(n, chosen[n])
         current_kl = starts[start]["kl"]
         lap("starts")
 
-        # The best candidate per activation quantizer, in model order (prefix before it cached).
+        # The best candidate per activation quantizer, in model order (prefix before it cached):
+        # walk the ladder of its current kind (plain or shifted) by amax while the dev KL falls,
+        # then try the other kind of the winner and walk that ladder if it is better.
         layers = []
         with folded_weight_quantizers(model):
             for n in tqdm(list(acts), desc="per-layer calibrator search", disable=not progress):
                 layer = n.rsplit(".", 1)[0]
-                ladder = sorted(distinct_candidates(candidates[n], acts[n].num_bits).items(),
-                                key=lambda item: item[1])
-                if chosen[n] not in dict(ladder):
-                    ladder = sorted([*ladder, (chosen[n], candidates[n][chosen[n]])], key=lambda item: item[1])
-                labels = [label for label, _ in ladder]
                 done = state.data["layers"].setdefault(n, {})
                 kl = {chosen[n]: current_kl}
 
-                def score(i: int) -> float:
-                    label = labels[i]
+                def score(label: str) -> float:
                     if label not in kl:
                         if label not in done:
-                            acts[n].amax = candidates[n][label]
+                            apply(n, label)
                             done[label] = divergence(outputs(layer))
                             state.save()
                         kl[label] = done[label]
                     return kl[label]
 
-                # walk the candidates ordered by amax from the current one while the score falls
-                i = labels.index(chosen[n])
-                for direction in (-1, 1):
-                    j = i
-                    while 0 <= j + direction < len(labels) and score(j + direction) < score(j):
-                        j += direction
-                    if j != i:
-                        i = j
-                        break
-                best = labels[i]
+                def ladder(shifted: bool) -> list[str]:
+                    same = {k: a for k, (a, _) in candidates[n].items() if k.endswith(SHIFT) == shifted}
+                    kept = distinct_candidates(same, acts[n].num_bits)
+                    if shifted == chosen[n].endswith(SHIFT):
+                        kept.setdefault(chosen[n], same[chosen[n]])
+                    return sorted(kept, key=kept.get)
+
+                best = walk_ladder(ladder(chosen[n].endswith(SHIFT)), chosen[n], score)
+                if n in shiftable:
+                    twin = best.removesuffix(SHIFT) if best.endswith(SHIFT) else best + SHIFT
+                    if score(twin) < score(best):
+                        other = ladder(twin.endswith(SHIFT))
+                        best = walk_ladder(other if twin in other else sorted([*other, twin],
+                                           key=lambda k: candidates[n][k][0]), twin, score)
                 chosen[n], current_kl = best, kl[best]
-                acts[n].amax = candidates[n][best]
-                layers.append(LayerChoice(n, layer, kinds.get(layer, "other"), best,
-                                          candidates[n][best], kl))
+                apply(n, best)
+                layers.append(LayerChoice(n, layer, kinds.get(layer, "other"), best, *candidates[n][best], kl))
         runner.clear()
         lap("layers")
 

@@ -80,8 +80,9 @@ def layerwise_markdown(result: LayerwiseResult, meta: dict) -> str:
         ["activations / weights", "dev KL to fp32", "dev WER %"],
         [[k, f"{v['kl']:.5f}", v["wer"]] for k, v in result.starts.items()])
     layers = markdown_table(
-        ["layer", "kind", "chosen calibrator", "amax", "dev KL after", "candidates tried (KL)"],
-        [[short_layer(c.layer), c.kind, c.chosen, f"{c.amax:.4g}", f"{c.kl[c.chosen]:.5f}",
+        ["layer", "kind", "chosen calibrator", "amax", "shift", "dev KL after", "candidates tried (KL)"],
+        [[short_layer(c.layer), c.kind, c.chosen, f"{c.amax:.4g}", f"{c.shift:.4g}" if c.shift else "",
+          f"{c.kl[c.chosen]:.5f}",
           ", ".join(f"{k} {v:.4f}" for k, v in sorted(c.kl.items(), key=lambda kv: kv[1]))]
          for c in result.layers])
     return "\n".join([
@@ -153,6 +154,7 @@ def plot_activation_ranges(result: StableQuantResult, path: Path) -> None:
 
     rows = result.stage1 if isinstance(result, StableQuantResult) else result.layers
     kinds = {r.quantizer: r.kind for r in rows}
+    shifts = {r.quantizer: getattr(r, "shift", 0.0) for r in rows}
     names = list(result.histograms)
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4))
     colors = {"cnn": "tab:red", "pos_conv": "tab:orange", "transformer": "tab:blue", "head": "tab:green"}
@@ -166,8 +168,9 @@ def plot_activation_ranges(result: StableQuantResult, path: Path) -> None:
         ax.plot([i, i], [max(q[0], 1e-6), q[1]], color=c, lw=5, solid_capstyle="butt")
         ax.scatter([i], [amax], color=c, marker="^", s=14)
         ax.scatter([i], [q[2]], color=c, marker="_", s=30)
-        if name in result.amax:
-            ax.scatter([i], [result.amax[name]], color="black", marker="x", s=18, zorder=3)
+        if name in result.amax:  # the top of the quantized range (amax + shift for one-sided ranges)
+            top = result.amax[name] + shifts.get(name, 0.0)
+            ax.scatter([i], [top], color="black", marker="x", s=18, zorder=3)
     for kind, c in colors.items():
         if kind in kinds.values():
             ax.plot([], [], color=c, lw=5, label=kind)
@@ -181,7 +184,7 @@ def plot_activation_ranges(result: StableQuantResult, path: Path) -> None:
             label.set_fontweight("bold")
     ax.set_xlabel("quantized layer (input activation), model order" + (" — marked layers in bold red" if marked else ""),
                   fontsize=9)
-    ax.scatter([], [], color="black", marker="x", label="chosen amax")
+    ax.scatter([], [], color="black", marker="x", label="chosen range top")
     ax.set_ylabel("|activation| (median–p99 bar, p99.99 tick, max ▲)")
     ax.set_title("Activation ranges by layer (input of each quantized layer)")
     ax.legend(fontsize=7)

@@ -453,6 +453,17 @@ def test_shifted_ranges_export_faithfully(tmp_path):
     shifted = [n for n, q in enabled_quantizers(sm.model).items() if q.bias]
     assert len(shifted) >= 3
     path = export_onnx(sm, tmp_path / "shift.onnx")["path"]
-    subs = [n for n in onnx.load(path).graph.node if n.op_type == "Sub" and "input_quantizer" in n.name]
+    proto = onnx.load(path)
+    subs = [n for n in proto.graph.node if n.op_type == "Sub" and "input_quantizer" in n.name]
     assert len(subs) == len(shifted)
+    # the add-back is folded into the next layer's bias: every activation DQ feeds its layer directly
+    consumers = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    dqs = [n for n in dq_nodes(proto) if "input_quantizer" in n.name]
+    assert dqs and all(set(consumers[n.output[0]]) <= {"Conv", "MatMul"} for n in dqs)
     assert_close_to_torch(sm, path, [(1, 8000)])
+    # unfolded form (Add kept) computes the same: the fold changes only float rounding
+    unfolded = export_onnx(sm, tmp_path / "unfolded.onnx", metadata={})
+    assert unfolded["quantizers"] == len(enabled_quantizers(sm.model))

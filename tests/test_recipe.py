@@ -203,7 +203,11 @@ def test_default_recipe_monotone_and_config_reproduces(setup):
     sm, calib, dev = setup
     result = run_layerwise(sm, calib, dev, Settings(wbits=6, abits=6, num_bins=256), progress=False)
     starts = result.starts
-    assert len(starts) == 5 and result.start == min(starts, key=lambda k: starts[k]["kl"])
+    assert result.start == min(starts, key=lambda k: starts[k]["kl"])
+    shifted = [c for c in result.layers if c.chosen.endswith(" +shift")]
+    # 4 plain + 4 shifted uniform starts (the tiny model has one-sided GELU inputs), + MSE weights
+    assert len(starts) == 9 and sum(k.endswith("+shift/max") for k in starts) == 4
+    assert all(c.shift != 0 for c in shifted) and all(c.shift == 0 for c in result.layers if c not in shifted)
     kl_before = starts[result.start]["kl"]
     for choice in result.layers:  # each step keeps the best candidate it scored, never a worse one
         assert choice.kl[choice.chosen] == min(choice.kl.values()) <= kl_before
@@ -214,6 +218,8 @@ def test_default_recipe_monotone_and_config_reproduces(setup):
     for name, q in model.named_modules():
         if isinstance(q, TensorQuantizer) and q.is_enabled:
             assert torch.allclose(q.amax, mine[name].amax, rtol=0, atol=0), name
+            if q.bias:  # a shifted range re-applies with the same shift, bit for bit
+                assert torch.equal(q.bias_value, mine[name].bias_value.to(q.bias_value.dtype)), name
     with torch.inference_mode():
         ref = [forward_logits(sm.model, b) for b in dev]
         out = [forward_logits(model, b) for b in dev]
