@@ -19,7 +19,7 @@ def test_modelopt_snippet_runs_on_the_demo_model():
     pytest.importorskip("modelopt.torch.quantization")
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from calibrators import EntropyCalibrator
+    from calibrators import EntropyCalibrator, MSECalibrator
 
     scope: dict = {}
     exec(compile(_python_block_after("## Use it from ModelOpt"), "README.md", "exec"), scope)
@@ -27,7 +27,11 @@ def test_modelopt_snippet_runs_on_the_demo_model():
     acts = {n: q for n, q in model.named_modules()
             if isinstance(q, TensorQuantizer) and q.is_enabled and n.endswith("input_quantizer")}
     assert len(acts) > 20 and all(q.amax is not None and float(q.amax) > 0 for q in acts.values())
-    assert all(isinstance(q._calibrator, EntropyCalibrator) for n, q in acts.items() if ".encoder.layers." in n)
+    ffn_out = {n: q for n, q in acts.items() if n.endswith("output_dense.input_quantizer")}
+    assert ffn_out and all(isinstance(q._calibrator, MSECalibrator) and q.bias and float(q.bias_value) > 0
+                           for q in ffn_out.values())  # shifted up: GELU outputs are one-sided
+    assert all(isinstance(q._calibrator, EntropyCalibrator) and not q.bias for n, q in acts.items()
+               if ".encoder.layers." in n and n not in ffn_out)
 
 
 def test_python_entry_point_snippet_runs_and_its_config_reapplies():
