@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .data import BatchList, Utterance, group_batches, make_batches, normalize_waveform, open_dataset
 from .models import SpeechModel, remove_weight_norm, resolve_model
+from .speech import wrap_speech_model
 from .stablequant import Settings
 
 RECIPES = ("default", "paper")
@@ -36,7 +37,8 @@ class Quantized:
 
 
 def speech_model(model: nn.Module | SpeechModel | str | Path, processor=None) -> SpeechModel:
-    """A SpeechModel from an HF CTC model and its processor (or tokenizer), a directory or "demo".
+    """A SpeechModel from an in-memory model and its processor (HF: processor or tokenizer;
+    torchaudio: the bundle or its labels), a model path or "demo".
 
     The positional conv's weight norm is folded into a plain weight in place (same outputs): ModelOpt
     cannot wrap it otherwise.
@@ -45,19 +47,7 @@ def speech_model(model: nn.Module | SpeechModel | str | Path, processor=None) ->
         return model
     if isinstance(model, (str, Path)):
         return resolve_model(model)
-    if processor is None:
-        raise ValueError("an in-memory model needs its processor (or tokenizer) for the vocabulary")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    fe = getattr(processor, "feature_extractor", None)
-    ids = tokenizer.get_vocab()
-    vocab = [""] * (max(ids.values()) + 1)
-    for token, i in ids.items():
-        vocab[i] = token
-    return SpeechModel(
-        model=remove_weight_norm(model).eval(), arch=type(model).__name__, vocab=vocab,
-        blank_id=int(tokenizer.pad_token_id), word_delimiter=getattr(tokenizer, "word_delimiter_token", "|") or "|",
-        sampling_rate=int(getattr(fe, "sampling_rate", 16000)), do_normalize=bool(getattr(fe, "do_normalize", True)),
-        return_attention_mask=bool(getattr(fe, "return_attention_mask", False)), name=type(model).__name__)
+    return wrap_speech_model(remove_weight_norm(model), processor)
 
 
 def as_batches(data, sm: SpeechModel, batch_seconds: float = 32.0) -> BatchList:

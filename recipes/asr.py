@@ -167,15 +167,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def forward_logits(model: torch.nn.Module, batch) -> torch.Tensor:
-    """One batch through an HF-style CTC model (attention mask only when the model uses one)."""
+    """One batch through a CTC model of any family (attention mask only when the model uses one)."""
+    from recipes.speech import family_of
+
     device = _model_device(model)
-    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask.to(device)}
-    return model(batch.input_values.to(device), **kwargs).logits
+    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+    return family_of(model).logits(model, batch.input_values.to(device), mask)
 
 
 def decode_logits(sm, logits: torch.Tensor, batch) -> list[str]:
     """Greedy transcripts of one batch's logits, each cut to its own valid frames."""
-    out_lengths = sm.model._get_feat_extract_output_lengths(batch.lengths)
+    from recipes.speech import output_lengths
+
+    out_lengths = output_lengths(sm.model, batch.lengths)
     return greedy_ctc_decode(logits.float().cpu(), sm.vocab, sm.blank_id, sm.word_delimiter, out_lengths)
 
 

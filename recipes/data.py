@@ -258,7 +258,12 @@ def make_batches(utts: list[Utterance], sm, batch_seconds: float = 32.0, limit: 
     sr = int(getattr(sm, "sampling_rate", 16000))
     do_normalize = bool(getattr(sm, "do_normalize", True))
     with_mask = bool(getattr(sm, "return_attention_mask", False))
-    frames = getattr(getattr(sm, "model", None), "_get_feat_extract_output_lengths", None)
+    model = getattr(sm, "model", None)
+    frames = None
+    if model is not None:
+        from recipes.speech import output_lengths
+
+        frames = lambda n: output_lengths(model, n)  # noqa: E731
     loaded, skipped = [], []
     for utt in select_subset(utts, limit, seed):
         try:

@@ -196,22 +196,6 @@ def _qdq_backend(model: nn.Module, specs: dict[str, QuantSpec]) -> Iterator[None
             modules[name].backend = backend
 
 
-@contextlib.contextmanager
-def _eager_attention(net: nn.Module) -> Iterator[None]:
-    """Trace HF's eager attention: SDPA exports an all-zero mask Add and an IsNaN/Where pair per
-    layer that cost ~5% of CPU run time and mean nothing for an unmasked encoder."""
-    config = getattr(net, "config", None)
-    previous = getattr(config, "_attn_implementation", None)
-    if previous in (None, "eager") or not hasattr(net, "set_attn_implementation"):
-        yield
-        return
-    net.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        net.set_attn_implementation(previous)
-
-
 # ----------------------------------------------------------------------------- graph rewrite
 
 
@@ -367,18 +351,7 @@ def prune_unused(graph: onnx.GraphProto) -> None:
 # ----------------------------------------------------------------------------- export
 
 
-class _LogitsOnly(nn.Module):
-    """HF CTC models return a ModelOutput; ONNX wants one named tensor."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
-        return self.model(input_values).logits
-
-
-def _speech_metadata(speech, net: nn.Module) -> dict[str, str]:
+def _speech_metadata(speech, net: nn.Module, family) -> dict[str, str]:
     """Decoder and front-end facts (vocab, blank id, sampling rate, normalisation, CNN strides)
     so the .onnx is self-describing."""
     fields = {"vocab": "vocab", "blank_id": "blank_id", "word_delimiter": "word_delimiter",
@@ -388,10 +361,8 @@ def _speech_metadata(speech, net: nn.Module) -> dict[str, str]:
     for attr, key in fields.items():
         if speech is not None and hasattr(speech, attr):
             meta[key] = getattr(speech, attr)
-    config = getattr(net, "config", None)
-    for key in ("conv_kernel", "conv_stride"):
-        if hasattr(config, key):
-            meta[key] = list(getattr(config, key))
+    geometry = family.conv_geometry(net)
+    meta["conv_kernel"], meta["conv_stride"] = [k for k, _ in geometry], [s for _, s in geometry]
     return {META_PREFIX + k: json.dumps(v) for k, v in meta.items()}
 
 
@@ -487,7 +458,7 @@ def fold_input_shifts(model_proto: onnx.ModelProto) -> int:
 def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, opset: int = MIN_OPSET,
                 allow_fp32: bool = False, bits_note: str | None = None,
                 metadata: dict[str, str] | None = None) -> dict:
-    """Export a ModelOpt-quantized HF CTC model (or a SpeechModel) to Q/DQ ONNX with int8 weights.
+    """Export a ModelOpt-quantized CTC model of any family (or a SpeechModel) to Q/DQ ONNX with int8 weights.
 
     Input ``input_values`` [batch, samples] (already normalised if the model expects it), output
     ``logits`` [batch, frames, vocab]; both batch and length are dynamic. ``bits_note`` is extra
@@ -495,7 +466,7 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     file's metadata_props. The file appears atomically or not at all.
     Returns a summary dict (path, precision, quantizer count, int8 weights, bits, size).
     """
-    from recipes.models import remove_weight_norm
+    from recipes.speech import family_of, remove_weight_norm
 
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} < {MIN_OPSET}: per-channel int8 Q/DQ needs opset >= 13 "
@@ -518,7 +489,8 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     meta = {META_PREFIX + "precision": "int8-qdq" if specs else "fp32",
             META_PREFIX + "num_quantizers": str(len(specs)),
             META_PREFIX + "bits": json.dumps(sorted({s.num_bits for s in specs.values()}))}
-    meta.update(_speech_metadata(speech, net))
+    family = family_of(net)
+    meta.update(_speech_metadata(speech, net, family))
     if note or bits_note:
         meta[META_PREFIX + "container_note"] = " ".join(filter(None, [note, bits_note]))
     meta.update(metadata or {})
@@ -532,12 +504,12 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     try:
         net.eval()
         with atomic_output(out_path) as tmp:
-            with torch.no_grad(), _qdq_backend(net, specs), _eager_attention(net), \
+            with torch.no_grad(), _qdq_backend(net, specs), family.export_context(net), \
                     warnings.catch_warnings():
                 # Shape checks in HF code are traced as constants; the dynamic axes are tested.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 torch.onnx.export(
-                    _LogitsOnly(net), (sample,), str(tmp), input_names=["input_values"],
+                    family.export_module(net), (sample,), str(tmp), input_names=["input_values"],
                     output_names=["logits"], opset_version=opset, dynamo=False,
                     dynamic_axes={"input_values": {0: "batch", 1: "samples"},
                                   "logits": {0: "batch", 1: "frames"}},

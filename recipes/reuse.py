@@ -4,9 +4,10 @@ Stage 1 quantizes one layer at a time with everything before it in float, so the
 the block just before that layer is the same for every layer after it. Caching it per dev batch
 and stubbing the prefix out turns L full forwards into L suffix forwards.
 
-The HF SFM family (wav2vec2, HuBERT, WavLM, data2vec-audio) shares one structure: a feature
-extractor whose ``conv_layers`` run in a plain loop, then glue (feature projection, positional
-conv), then ``encoder.layers`` in a plain loop, then the head. Cut points are:
+Every SFM family (wav2vec2, HuBERT, WavLM, data2vec-audio in transformers or torchaudio) shares
+one structure, which its family describes as a ``recipes.speech.BlockLayout``: a feature extractor
+whose conv blocks run in a plain loop, then glue (feature projection, positional conv), then the
+encoder's Transformer layers in a plain loop, then the head. Cut points are:
 
 * conv layer i > 0: the output of conv layer i-1 (earlier conv layers become identities);
 * anything after the feature extractor: the feature extractor's output, plus, for encoder
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from recipes.speech.contract import BlockLayout
+
 
 class _StopForward(Exception):
     """Raised by a capture hook once the wanted block output is stored."""
@@ -36,24 +39,22 @@ class CutPoint:
     layer: int | None = None  # cached encoder layer index (earlier ones become identities)
 
 
-def _find(model: nn.Module, suffix: str) -> tuple[str, nn.Module]:
-    hits = [(n, m) for n, m in model.named_modules() if n == suffix or n.endswith("." + suffix)]
-    if len(hits) != 1:
-        raise ValueError(f"model has {len(hits)} modules named '*{suffix}'; expected exactly one")
-    return hits[0]
-
-
 class PrefixRunner:
     """Forward ``batches`` through ``model`` starting from the cut point of a module path."""
 
-    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, object], torch.Tensor], batches: Sequence):
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, object], torch.Tensor], batches: Sequence,
+                 layout: BlockLayout | None = None):
+        from recipes.speech import family_of
+
         self.model, self.forward, self.batches = model, forward, batches
-        self.fe_name, self.fe = _find(model, "feature_extractor")
-        self.convs = list(_find(model, "feature_extractor.conv_layers")[1])
-        self.enc_name, encoder = _find(model, "encoder")
-        self.layers = list(_find(model, "encoder.layers")[1])
-        self.conv_prefix = _find(model, "feature_extractor.conv_layers")[0] + "."
-        self.layer_prefix = _find(model, "encoder.layers")[0] + "."
+        self.layout = layout = layout or family_of(model).blocks(model)
+        modules = dict(model.named_modules())
+        self.fe_name, self.fe = layout.front_end, modules[layout.front_end]
+        self.convs = list(modules[layout.convs])
+        self.enc_name = layout.encoder
+        self.layers = list(modules[layout.layers])
+        self.conv_prefix = layout.convs + "."
+        self.layer_prefix = layout.layers + "."
         self._cache: dict[tuple[str, int], list] = {}  # (kind, index) -> per-batch outputs
 
     # -- where a module's prefix can be cut ------------------------------------------------
@@ -111,12 +112,12 @@ class PrefixRunner:
             stubs.append((self.fe, _constant(out, b)))
         elif cut.conv is not None:
             out = self._outputs("conv", cut.conv, CutPoint(conv=cut.conv - 1 if cut.conv > 0 else None))
-            stubs += [(m, _identity) for m in self.convs[: cut.conv]]
+            stubs += [(m, self.layout.conv_passthrough) for m in self.convs[: cut.conv]]
             stubs.append((self.convs[cut.conv], _constant(out, b)))
         if cut.layer is not None:
             below = CutPoint(features=True, layer=cut.layer - 1 if cut.layer > 0 else None)
             out = self._outputs("layer", cut.layer, below)
-            stubs += [(m, _layer_identity) for m in self.layers[: cut.layer]]
+            stubs += [(m, self.layout.layer_passthrough) for m in self.layers[: cut.layer]]
             stubs.append((self.layers[cut.layer], _constant(out, b)))
         return stubs
 
@@ -148,15 +149,3 @@ def _constant(outputs: list, b: int):
         return outputs[b]
 
     return forward
-
-
-def _identity(self, x, *args, **kwargs):
-    return x
-
-
-def _layer_identity(self, hidden_states, *args, **kwargs):
-    # encoder layers return tuples whose first item is the hidden state; WavLM also threads
-    # position_bias through, which the cached layer below the cut provides
-    if "position_bias" in kwargs:
-        return (hidden_states, kwargs["position_bias"])
-    return (hidden_states,)

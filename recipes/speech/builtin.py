@@ -1,0 +1,12 @@
+"""The built-in families, registered through the same hook as third-party ones."""
+
+from __future__ import annotations
+
+from .registry import hookimpl
+
+
+@hookimpl(trylast=True)
+def sq_speech_model_families():
+    from . import fairseq_ctc, hf_ctc, onnx_ctc, torchaudio_ctc
+
+    return [hf_ctc.FAMILY, fairseq_ctc.FAMILY, torchaudio_ctc.FAMILY, onnx_ctc.FAMILY]

@@ -1,0 +1,379 @@
+"""Hugging Face CTC family: wav2vec2, HuBERT, WavLM, data2vec-audio through transformers.
+
+Directories written by any transformers ``save_pretrained`` (model.safetensors, sharded
+safetensors, or pytorch_model.bin read with weights_only; vocab.json; preprocessor_config.json or
+transformers 5's processor_config.json), in-memory models with their processor, and random-weight
+models with the real checkpoint shapes (tests and benchmarks run with no hub).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import string
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .contract import BlockLayout, SpeechFamily, SpeechModel, find_module, remove_weight_norm
+
+log = logging.getLogger(__name__)
+
+# config "architectures" entry -> (transformers model class name, config class name, short arch)
+SUPPORTED_ARCHS = {
+    "Wav2Vec2ForCTC": ("Wav2Vec2ForCTC", "Wav2Vec2Config", "wav2vec2"),
+    "HubertForCTC": ("HubertForCTC", "HubertConfig", "hubert"),
+    "WavLMForCTC": ("WavLMForCTC", "WavLMConfig", "wavlm"),
+    "Data2VecAudioForCTC": ("Data2VecAudioForCTC", "Data2VecAudioConfig", "data2vec-audio"),
+}
+SHORT_TO_ARCH = {short: name for name, (_, _, short) in SUPPORTED_ARCHS.items()}
+
+# Character vocabulary of the wav2vec2-960h family (ids 0..31): blank first, then specials.
+CHAR_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + list(string.ascii_uppercase) + ["'"]
+
+
+# ----------------------------------------------------------------------------- random models
+
+_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
+_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
+
+# Real shapes of the public checkpoints (wav2vec2-base-960h / wav2vec2-large-960h-lv60-self and
+# the HuBERT/WavLM/data2vec-audio equivalents). "tiny" keeps the 7-layer CNN but is tiny.
+_SHAPES = {
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32,) * 7, feat_extract_norm="group", do_stable_layer_norm=False,
+        conv_bias=False, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+    ),
+    "base": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        conv_dim=(512,) * 7, feat_extract_norm="group", do_stable_layer_norm=False,
+        conv_bias=False, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+    ),
+    "large": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        conv_dim=(512,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
+        conv_bias=True, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+    ),
+}
+
+
+def random_config(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 32):
+    """HF config with real architecture shapes (no download): the basis of random_model."""
+    import transformers
+
+    if shape not in _SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(_SHAPES)}")
+    if arch not in SHORT_TO_ARCH:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(SHORT_TO_ARCH)}")
+    arch_name = SHORT_TO_ARCH[arch]
+    _, config_cls_name, _ = SUPPORTED_ARCHS[arch_name]
+    params = dict(_SHAPES[shape])
+    if arch == "data2vec-audio":
+        # data2vec-audio: layer-norm CNN with bias, 5 small positional convs instead of one big one
+        params.update(feat_extract_norm="layer", conv_bias=True)
+        params.pop("do_stable_layer_norm")
+        params.update(num_conv_pos_embedding_layers=5, conv_pos_kernel_size=19 if shape != "tiny" else 5)
+        params.pop("num_conv_pos_embeddings")
+    config_cls = getattr(transformers, config_cls_name)
+    return config_cls(
+        vocab_size=vocab_size, conv_kernel=_CONV_KERNEL, conv_stride=_CONV_STRIDE,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, ctc_loss_reduction="mean",
+        architectures=[arch_name], **params,
+    )
+
+
+def _char_vocab(vocab_size: int) -> list[str]:
+    if vocab_size < 5:
+        raise ValueError("vocab_size must be >= 5 (blank, specials and the word delimiter)")
+    vocab = CHAR_VOCAB[:vocab_size]
+    vocab += [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
+    return vocab
+
+
+def random_model(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 32,
+                 seed: int = 0, device: str | torch.device | None = None) -> SpeechModel:
+    """Random-weight CTC model with real shapes: lets tests and benchmarks run with no hub.
+
+    device="meta" builds the module tree without allocating weights (shape/inventory checks).
+    """
+    import transformers
+
+    config = random_config(shape, arch, vocab_size)
+    torch.manual_seed(seed)
+    model_cls = getattr(transformers, SUPPORTED_ARCHS[config.architectures[0]][0])
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = model_cls(config).eval()
+    return SpeechModel(
+        model=model, arch=config.architectures[0], vocab=_char_vocab(vocab_size), blank_id=0,
+        word_delimiter="|", sampling_rate=16000, do_normalize=True,
+        return_attention_mask=config.feat_extract_norm == "layer",
+        name=f"random-{arch}-{shape}", family="huggingface",
+    )
+
+
+# ----------------------------------------------------------------------------- load / save
+
+
+def save_model(sm: SpeechModel, directory: str | Path) -> Path:
+    """Write an HF directory (safetensors + vocab.json + preprocessor_config.json)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        sm.model.save_pretrained(directory, safe_serialization=True)
+    vocab = {tok: i for i, tok in enumerate(sm.vocab)}
+    (directory / "vocab.json").write_text(json.dumps(vocab, indent=1, ensure_ascii=False))
+    blank = sm.vocab[sm.blank_id]
+    tokenizer_config = {
+        "pad_token": blank, "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+        "word_delimiter_token": sm.word_delimiter, "do_lower_case": False,
+        "tokenizer_class": "Wav2Vec2CTCTokenizer",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+    preprocessor = {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+        "padding_side": "right", "padding_value": 0.0, "sampling_rate": sm.sampling_rate,
+        "do_normalize": sm.do_normalize, "return_attention_mask": sm.return_attention_mask,
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=1))
+    return directory
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
+def _load_vocab(directory: Path) -> tuple[list[str], int, str]:
+    vocab_path = directory / "vocab.json"
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"{directory}: no vocabulary (vocab.json missing); "
+                                "a CTC model needs its character vocabulary to decode")
+    raw = _read_json(vocab_path)
+    if raw and all(isinstance(v, dict) for v in raw.values()):  # multilingual {lang: {tok: id}}
+        raise ValueError(f"{vocab_path}: per-language vocabularies are not supported")
+    if not raw:
+        raise ValueError(f"{vocab_path}: empty vocabulary")
+    size = max(raw.values()) + 1
+    vocab = [f"<unused_{i}>" for i in range(size)]
+    for tok, i in raw.items():
+        vocab[i] = tok
+    tok_cfg_path = directory / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
+    pad = tok_cfg.get("pad_token", "<pad>")
+    pad = pad.get("content", "<pad>") if isinstance(pad, dict) else pad
+    delimiter = tok_cfg.get("word_delimiter_token", "|")
+    if pad not in raw:
+        raise ValueError(f"{vocab_path}: pad/blank token {pad!r} not in the vocabulary")
+    return vocab, raw[pad], delimiter
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No per-tensor "Loading weights" bar: the demo model is loaded on every CLI call."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [directory / s for s in shards]
+    return [directory / "model.safetensors"]
+
+
+def _has_folded_weight_norm(directory: Path) -> bool:
+    """True if the checkpoint was saved after remove_weight_norm (plain pos_conv weight)."""
+    from safetensors import safe_open
+
+    for shard in _safetensors_files(directory):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                if any(k.endswith("pos_conv_embed.conv.weight") for k in f.keys()):
+                    return True
+        except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+            raise ValueError(f"{shard}: not a readable safetensors file ({e})") from None
+    return False
+
+
+def _load_folded(model_cls, directory: Path) -> tuple[nn.Module, list[str]]:
+    """Build from config, fold weight norm, then load the plain weights (strict keys)."""
+    from safetensors.torch import load_file
+
+    config = model_cls.config_class.from_pretrained(directory, local_files_only=True)
+    model = remove_weight_norm(model_cls(config)).float()
+    state = {}
+    for shard in _safetensors_files(directory):
+        state.update(load_file(str(shard)))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        log.warning("%s: ignoring %d unexpected weights, e.g. %s", directory,
+                    len(result.unexpected_keys), sorted(result.unexpected_keys)[:3])
+    return model, list(result.missing_keys)
+
+
+def _preprocessor_config(directory: Path) -> dict:
+    """preprocessor_config.json, or the feature extractor nested in processor_config.json (as
+    transformers 5's ``Processor.save_pretrained`` writes it)."""
+    pre_path = directory / "preprocessor_config.json"
+    if pre_path.is_file():
+        return _read_json(pre_path)
+    proc_path = directory / "processor_config.json"
+    if proc_path.is_file():
+        nested = _read_json(proc_path).get("feature_extractor")
+        if isinstance(nested, dict):
+            return nested
+    raise FileNotFoundError(f"{directory}: no feature extractor settings (preprocessor_config.json, or "
+                            "processor_config.json with a 'feature_extractor' entry)")
+
+
+def load_ctc_model(path: str | Path) -> SpeechModel:
+    """Load an HF CTC speech model from a local directory (safetensors, or .bin tensors only)."""
+    import transformers
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory not found: {directory}")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory}: config.json missing")
+    config = _read_json(config_path)
+    archs = config.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHS), None)
+    if arch is None:
+        raise ValueError(f"{directory}: architecture {archs or '(none given)'} is not a supported "
+                         f"CTC model; supported: {', '.join(SUPPORTED_ARCHS)}")
+    has_safetensors = (directory / "model.safetensors").is_file() or \
+        (directory / "model.safetensors.index.json").is_file()
+    has_bin = any(directory.glob("pytorch_model*.bin"))
+    if not (has_safetensors or has_bin):
+        raise FileNotFoundError(f"{directory}: no weights (model.safetensors or pytorch_model.bin)")
+    pre = _preprocessor_config(directory)
+    vocab, blank_id, delimiter = _load_vocab(directory)
+
+    model_cls = getattr(transformers, SUPPORTED_ARCHS[arch][0])
+    if has_safetensors and _has_folded_weight_norm(directory):
+        model, missing = _load_folded(model_cls, directory)
+    else:
+        # pytorch_model.bin goes through transformers' torch.load(weights_only=True): tensors
+        # only, no pickled code runs
+        with _quiet_transformers():
+            try:
+                model, info = model_cls.from_pretrained(
+                    directory, local_files_only=True, use_safetensors=has_safetensors, dtype=torch.float32,
+                    output_loading_info=True,
+                )
+            except Exception as e:  # unpickling refused, truncated file, shape mismatch, ...
+                raise ValueError(f"{directory}: cannot load the weights ({str(e).splitlines()[0]})") from None
+        missing = info.get("missing_keys", [])
+    missing = [k for k in missing if "masked_spec_embed" not in k]
+    if missing:
+        raise ValueError(f"{directory}: checkpoint lacks weights for {len(missing)} parameters, "
+                         f"e.g. {sorted(missing)[:5]}")
+    if model.config.vocab_size != len(vocab):
+        log.warning("%s: lm_head has %d outputs but vocab.json has %d tokens",
+                    directory, model.config.vocab_size, len(vocab))
+    return SpeechModel(
+        model=model.eval(), arch=arch, vocab=vocab, blank_id=blank_id, word_delimiter=delimiter,
+        sampling_rate=int(pre.get("sampling_rate", 16000)),
+        do_normalize=bool(pre.get("do_normalize", True)),
+        return_attention_mask=bool(pre.get("return_attention_mask", False)),
+        name=directory.name, source=str(directory), family="huggingface",
+    )
+
+
+# ----------------------------------------------------------------------------- the family
+
+
+def _hf_layer_passthrough(self, hidden_states, *args, **kwargs):
+    # encoder layers return tuples whose first item is the hidden state; WavLM also threads
+    # position_bias through, which the cached layer below the cut provides
+    if "position_bias" in kwargs:
+        return (hidden_states, kwargs["position_bias"])
+    return (hidden_states,)
+
+
+class HFCTCFamily(SpeechFamily):
+    name = "huggingface"
+    description = ("a Hugging Face CTC directory (config.json + model.safetensors / sharded safetensors / "
+                   "pytorch_model.bin, vocab.json, preprocessor_config.json or processor_config.json)")
+
+    def claims_path(self, path: Path) -> bool:
+        return path.is_dir() and (path / "config.json").is_file()
+
+    def load(self, path: Path) -> SpeechModel:
+        return load_ctc_model(path)
+
+    def wrap(self, model: nn.Module, processor=None) -> SpeechModel:
+        """An in-memory HF CTC model and its processor (or tokenizer) for the vocabulary."""
+        if processor is None:
+            raise ValueError("an in-memory model needs its processor (or tokenizer) for the vocabulary")
+        tokenizer = getattr(processor, "tokenizer", processor)
+        fe = getattr(processor, "feature_extractor", None)
+        ids = tokenizer.get_vocab()
+        vocab = [""] * (max(ids.values()) + 1)
+        for token, i in ids.items():
+            vocab[i] = token
+        return SpeechModel(
+            model=remove_weight_norm(model).eval(), arch=type(model).__name__, vocab=vocab,
+            blank_id=int(tokenizer.pad_token_id),
+            word_delimiter=getattr(tokenizer, "word_delimiter_token", "|") or "|",
+            sampling_rate=int(getattr(fe, "sampling_rate", 16000)),
+            do_normalize=bool(getattr(fe, "do_normalize", True)),
+            return_attention_mask=bool(getattr(fe, "return_attention_mask", False)),
+            name=type(model).__name__, family=self.name)
+
+    def claims_module(self, model: nn.Module) -> bool:
+        from transformers import PreTrainedModel
+
+        return isinstance(model, PreTrainedModel) and hasattr(model, "_get_feat_extract_output_lengths")
+
+    def logits(self, model, input_values, attention_mask=None):
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return model(input_values, **kwargs).logits
+
+    def output_lengths(self, model, lengths):
+        return model._get_feat_extract_output_lengths(torch.as_tensor(lengths))
+
+    def blocks(self, model) -> BlockLayout:
+        pos = [n for n, _ in model.named_modules() if n.endswith("pos_conv_embed")]
+        return BlockLayout(
+            front_end=find_module(model, "feature_extractor"),
+            convs=find_module(model, "feature_extractor.conv_layers"),
+            encoder=find_module(model, "encoder"), layers=find_module(model, "encoder.layers"),
+            head=find_module(model, "lm_head"), pos_conv=pos[0] if len(pos) == 1 else None,
+            layer_passthrough=_hf_layer_passthrough)
+
+    def conv_geometry(self, model):
+        config = model.config
+        return [(int(k), int(s)) for k, s in zip(config.conv_kernel, config.conv_stride)]
+
+    @contextlib.contextmanager
+    def export_context(self, model):
+        """Trace HF's eager attention: SDPA exports an all-zero mask Add and an IsNaN/Where pair per
+        layer that cost ~5% of CPU run time and mean nothing for an unmasked encoder."""
+        config = getattr(model, "config", None)
+        previous = getattr(config, "_attn_implementation", None)
+        if previous in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+            yield
+            return
+        model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(previous)
+
+
+FAMILY = HFCTCFamily()

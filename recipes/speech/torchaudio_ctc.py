@@ -1,0 +1,8 @@
+from .contract import SpeechFamily
+
+
+class _F(SpeechFamily):
+    name = "torchaudio"
+
+
+FAMILY = _F()
