@@ -63,11 +63,13 @@ DATA_HELP = {"calib": "calibration data (activation statistics)", "dev": "dev da
 
 
 def _add_common(p: argparse.ArgumentParser, data_args: tuple[str, ...] = ()) -> None:
-    p.add_argument("--model", default="demo", help="'demo' (shipped) or a local HF model directory")
+    p.add_argument("--model", default="demo", help="'demo' (shipped), a Hugging Face CTC model directory, a fairseq "
+                                                   "CTC checkpoint (.pt with dict.ltr.txt beside it) or torchaudio:BUNDLE")
     for name in data_args:
         p.add_argument(f"--{name}", default=None, metavar="DATA",
-                       help=f"{DATA_HELP[name]}: a LibriSpeech directory, fairseq .tsv manifest or plain "
-                            "TSV (audio<TAB>transcript); default with --model demo: the shipped set")
+                       help=f"{DATA_HELP[name]}: a LibriSpeech directory, fairseq .tsv manifest, plain "
+                            "TSV (audio<TAB>transcript) or a saved Hugging Face datasets directory (save_to_disk); "
+                            "default with --model demo: the shipped set")
     p.add_argument("--limit", type=_number(int, 1), default=None, metavar="N",
                    help="a deterministic (seeded) subset of N utterances per data set")
     p.add_argument("--batch-seconds", type=_number(float, 0.0, strict_low=True), default=32.0,

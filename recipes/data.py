@@ -1,4 +1,5 @@
-"""Speech data readers: LibriSpeech trees, fairseq manifests and plain TSVs -> padded batches.
+"""Speech data readers: LibriSpeech trees, fairseq manifests, plain TSVs and saved Hugging Face
+``datasets`` directories -> batches of equal-length utterances.
 
 Audio is decoded once by make_batches and kept in memory, because the recipe evaluates the same
 dev set many times (once per calibration candidate).
@@ -24,8 +25,9 @@ AUDIO_SUFFIXES = (".flac", ".wav")
 @dataclass(frozen=True)
 class Utterance:
     id: str
-    path: Path
+    path: Path  # the audio file, or "ARROW_FILE#ROW" for audio stored in a table
     text: str
+    audio: object = field(default=None, compare=False, repr=False)  # in-table audio: has read()
 
 
 @dataclass
@@ -170,8 +172,13 @@ def read_plain_tsv(tsv: str | Path) -> list[Utterance]:
 
 
 def detect_format(path: str | Path) -> str:
-    """'librispeech' for a directory; 'fairseq' if the TSV's first line is a root (no tab)."""
+    """'datasets' for a save_to_disk directory, 'librispeech' for another directory; 'fairseq' if
+    the TSV's first line is a root (no tab), else 'plain'."""
+    from .datasets_dir import is_datasets_dir
+
     path = Path(path)
+    if is_datasets_dir(path):
+        return "datasets"
     if path.is_dir():
         return "librispeech"
     if not path.is_file():
@@ -183,8 +190,10 @@ def detect_format(path: str | Path) -> str:
 def open_dataset(path: str | Path) -> list[Utterance]:
     """Read any supported dataset format (auto-detected) into a list of utterances."""
     fmt = detect_format(path)
+    from .datasets_dir import read_datasets_dir
+
     reader = {"librispeech": read_librispeech, "fairseq": read_fairseq_manifest,
-              "plain": read_plain_tsv}[fmt]
+              "plain": read_plain_tsv, "datasets": read_datasets_dir}[fmt]
     utts = reader(path)
     if not utts:
         raise ValueError(f"{path}: dataset is empty")
@@ -195,21 +204,47 @@ def open_dataset(path: str | Path) -> list[Utterance]:
 # ----------------------------------------------------------------------------- audio
 
 
-def load_audio(path: str | Path, sampling_rate: int = 16000) -> np.ndarray:
-    """Decode to float32 mono at `sampling_rate` (stereo averaged, other rates resampled)."""
+def _decode(path: str | Path, audio=None) -> tuple[np.ndarray, int]:
+    """[samples, channels] float32 and its rate, from a file or from in-table audio."""
+    import io
+
     import soundfile as sf
+
+    source = path
+    try:
+        if audio is not None:
+            raw = audio.read()
+            if isinstance(raw, tuple):  # decoded samples and their rate
+                wav = np.asarray(raw[0], dtype=np.float32)
+                return (wav[:, None] if wav.ndim == 1 else wav), int(raw[1])
+            source = io.BytesIO(raw) if isinstance(raw, bytes) else raw
+        wav, sr = sf.read(source if isinstance(source, io.BytesIO) else str(source), dtype="float32",
+                          always_2d=True)
+    except AudioError:
+        raise
+    except Exception as e:  # libsndfile raises several types for corrupt/unknown files
+        raise AudioError(f"{path}: cannot read audio ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    return wav, sr
+
+
+def load_audio(path: str | Path, sampling_rate: int = 16000, audio=None) -> np.ndarray:
+    """Decode to float32 mono at `sampling_rate`: several channels are averaged and other rates
+    resampled, each with a warning naming the file."""
     from scipy.signal import resample_poly
 
-    try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile raises several types for corrupt/unknown files
-        raise AudioError(f"{path}: cannot read audio ({e})") from e
-    if wav.shape[0] == 0:
+    wav, sr = _decode(path, audio)
+    if wav.ndim != 2 or wav.shape[0] == 0:
         raise AudioError(f"{path}: audio file has no samples")
-    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    if wav.shape[1] > 1:
+        log.warning("%s: %d channels, mixed down to mono", path, wav.shape[1])
+        wav = wav.mean(axis=1)
+    else:
+        wav = wav[:, 0]
     if sr != sampling_rate:
+        if sr <= 0:
+            raise AudioError(f"{path}: invalid sampling rate {sr}")
         g = gcd(sr, sampling_rate)
-        log.info("%s: resampling %d Hz -> %d Hz", path, sr, sampling_rate)
+        log.warning("%s: %d Hz, resampled to the model's %d Hz", path, sr, sampling_rate)
         wav = resample_poly(wav, sampling_rate // g, sr // g).astype(np.float32)
     if not np.isfinite(wav).all():
         raise AudioError(f"{path}: audio contains NaN/Inf samples")
@@ -267,7 +302,7 @@ def make_batches(utts: list[Utterance], sm, batch_seconds: float = 32.0, limit: 
     loaded, skipped = [], []
     for utt in select_subset(utts, limit, seed):
         try:
-            wav = load_audio(utt.path, sr)
+            wav = load_audio(utt.path, sr, utt.audio)
             if frames is not None and int(frames(torch.tensor([len(wav)]))) < 1:
                 raise AudioError(f"{utt.path}: {len(wav)} samples is shorter than the model's receptive "
                                  "field (no output frame)")

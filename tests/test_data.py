@@ -141,11 +141,13 @@ def test_plain_tsv_escape_and_empty_transcript(tmp_path):
 
 def test_stereo_44k_resampled_to_16k_mono(tmp_path, caplog):
     path = write(tmp_path / "st.flac", seconds=1.0, sr=44100, channels=2)
-    with caplog.at_level(logging.INFO, logger="recipes.data"):
+    with caplog.at_level(logging.WARNING, logger="recipes.data"):
         wav = load_audio(path, SR)
     assert wav.ndim == 1 and wav.dtype == np.float32
     assert len(wav) == SR  # 44100 samples -> exactly 16000
-    assert "resampling 44100 Hz -> 16000 Hz" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{path}: 44100 Hz, resampled to the model's 16000 Hz" in warnings
+    assert f"{path}: 2 channels, mixed down to mono" in warnings
     # mono = mean of channels (1.0 and 0.5 scaled tone): amplitude ~0.3 * 0.75
     assert abs(np.abs(wav[1000:-1000]).max() - 0.225) < 0.01
 

@@ -155,3 +155,38 @@ def test_conv_layers_spec_is_parsed_not_evaluated(tmp_path):
         [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
     with pytest.raises(ValueError, match="conv_feature_layers"):
         conv_layers_spec("__import__('os').system('true')", tmp_path)
+
+
+def test_cli_evaluates_a_fairseq_checkpoint_like_its_hf_twin(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from recipes.cli import main
+    from recipes.models import random_model, save_model
+
+    hf = random_model("tiny", seed=3)
+    save_model(hf, tmp_path / "hf")
+    ckpt = write_checkpoint(tmp_path, hf.model, "wav2vec2", False, "cfg")
+    (tmp_path / "dict.ltr.txt").write_text("".join(f"{sym} 1\n" for sym in hf.vocab[4:]))  # HF's letter order
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3):
+        sf.write(tmp_path / f"u{i}.flac", (0.1 * rng.standard_normal(4000 + 500 * i)).astype("float32"), 16000)
+        rows.append(f"u{i}.flac\tA B")
+    (tmp_path / "set.tsv").write_text("\n".join(rows) + "\n")
+    results = []
+    for model in (tmp_path / "hf", ckpt):
+        assert main(["eval", "--model", str(model), "--data", str(tmp_path / "set.tsv"), "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    # same greedy paths; fairseq's vocabulary names id 1 "<pad>" where HF says "<s>"
+    assert [h.replace("<s>", "<pad>") for h in results[0]["hyps"]] == results[1]["hyps"]
+    assert results[0]["wer"] == results[1]["wer"] and results[0]["ids"] == results[1]["ids"]
+    bad = tmp_path / "evil" / "checkpoint.pt"
+    bad.parent.mkdir()
+    (bad.parent / "dict.ltr.txt").write_text("| 1\n")
+    torch.save({"model": {}, "x": _System()}, bad)
+    assert main(["eval", "--model", str(bad), "--data", str(tmp_path / "set.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert "refused to unpickle" in err and "system" in err and len(err.strip().splitlines()) == 1
