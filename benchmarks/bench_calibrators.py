@@ -122,6 +122,8 @@ def bench_calibration_pass(repeats: int, seconds: float, num_layers: int) -> dic
     from modelopt.torch.quantization.model_calib import enable_stats_collection
     from modelopt.torch.quantization.nn import TensorQuantizer
 
+    from sq_plugin.modelopt_glue import calibrator_of, collects
+
     base = _tiny_wav2vec2(num_layers)
     audio = torch.randn(2, int(16000 * seconds))
 
@@ -141,9 +143,9 @@ def bench_calibration_pass(repeats: int, seconds: float, num_layers: int) -> dic
     for name, model in models.items():
         enable_stats_collection(model)
         quantizers[name] = [
-            m for m in model.modules() if isinstance(m, TensorQuantizer) and not m._disabled
+            m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled
         ]
-    collected = sum(1 for q in quantizers["stablequant_hist"] if q._if_calib)
+    collected = sum(1 for q in quantizers["stablequant_hist"] if collects(q))
 
     def calibration_pass(name):
         def run():
@@ -171,7 +173,7 @@ def bench_calibration_pass(repeats: int, seconds: float, num_layers: int) -> dic
     # Amax search after the pass (not part of the collection ratio): all quantizers, 51 cut-offs.
     t0 = time.perf_counter()
     for q in quantizers["stablequant_hist"]:
-        q._calibrator.amax_grid(CUTOFFS)
+        calibrator_of(q).amax_grid(CUTOFFS)
     med["stablequant_grid_all_quantizers_s"] = time.perf_counter() - t0
     return med
 

@@ -41,7 +41,7 @@ def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
     The default recipe evaluated them as its starts (weights per-channel max); for a paper run
     they are evaluated here from the run's histograms, the model left as the recipe chose.
     """
-    from sq_plugin.modelopt_glue import activation_quantizers
+    from sq_plugin.modelopt_glue import activation_quantizers, calibrator_of
 
     if result.recipe == "default":
         return {m: UtteranceErrors.from_json(result.dev_errors[f"{spec_label(*spec)}/max"])
@@ -54,7 +54,7 @@ def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
         with fast_fake_quant(model):
             for method in BASELINES:
                 for n, q in acts.items():
-                    q.amax = baseline_amax(q._calibrator, method)
+                    q.amax = baseline_amax(calibrator_of(q), method)
                 errors[method] = scorer.errors(outputs(model, scorer.batches))
     finally:
         for n, q in acts.items():
@@ -101,7 +101,7 @@ def compare_methods(
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from sq_plugin.modelopt_glue import activation_quantizers
+    from sq_plugin.modelopt_glue import activation_quantizers, calibrator_of
 
     test_scorer = DevScorer(sm, test)
     test_ids = [i for b in test for i in b.ids]
@@ -147,7 +147,7 @@ def compare_methods(
         jobs = [(m, False) for m in BASELINES] + [("max", True), ("percentile", True), ("stablequant_paper", False)]
         for method, tr_only in tqdm(jobs, desc=f"compare W{b}A{b} on test", leave=False):
             amax = paper.amax if method == "stablequant_paper" else {
-                n: baseline_amax(q._calibrator, method) for n, q in acts.items()}
+                n: baseline_amax(calibrator_of(q), method) for n, q in acts.items()}
             key = f"{method}_tr_only" if tr_only else method
             errors[key] = errors_with(amax, tr_only)
         errors_with(paper.amax)  # leave the model as the paper's recipe chose

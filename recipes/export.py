@@ -96,9 +96,11 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
+    from sq_plugin.modelopt_glue import quantizes, static_amax
+
     specs = {}
     for name, q in model.named_modules():
-        if not isinstance(q, TensorQuantizer) or not q.is_enabled or not q._if_quant:
+        if not isinstance(q, TensorQuantizer) or not q.is_enabled or not quantizes(q):
             continue
         bits = q.num_bits
         if not isinstance(bits, int) or not 4 <= bits <= 8:
@@ -120,7 +122,7 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
             raise ExportError(f"{name}: custom quant backend {q.backend!r} has no ONNX form")
         if q.rotate_is_enabled:
             raise ExportError(f"{name}: rotated (Hadamard) quantization is not supported")
-        amax = getattr(q, "_amax", None)
+        amax = static_amax(q)
         if amax is None:
             raise ExportError(f"{name}: no amax (not calibrated or dynamic); calibrate and load "
                               "amax before export")
@@ -167,10 +169,12 @@ class _QDQ(torch.autograd.Function):
 
 
 def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    amax = quantizer._get_amax(inputs)
+    from sq_plugin.modelopt_glue import amax_for, bias_for
+
+    amax = amax_for(quantizer, inputs)
     bits, narrow = quantizer.num_bits, quantizer.narrow_range
     axis = _single_axis(quantizer, "quantizer") if amax.numel() > 1 else None
-    bias = quantizer._get_bias(inputs)
+    bias = bias_for(quantizer, inputs)
     return _QDQ.apply(inputs, amax, bits, narrow, axis, *int_range(bits, narrow),
                       0.0 if bias is None else float(bias))
 

@@ -43,25 +43,26 @@ def fake_quant_int(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsi
 
 
 def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    bias = quantizer._get_bias(inputs)  # a shifted range: quantize x - bias, add it back
+    from sq_plugin.modelopt_glue import amax_for, bias_for
+
+    bias = bias_for(quantizer, inputs)  # a shifted range: quantize x - bias, add it back
     if bias is not None:
         inputs = inputs - bias
-    out = fake_quant_int(inputs, quantizer._get_amax(inputs), quantizer._num_bits,
-                         quantizer._unsigned, quantizer._narrow_range)
+    out = fake_quant_int(inputs, amax_for(quantizer, inputs), quantizer.num_bits,
+                         quantizer.unsigned, quantizer.narrow_range)
     return out if bias is None else out + bias
 
 
 def eligible(quantizer) -> bool:
     """Plain integer fake quant on CPU with a calibrated amax and a static shift if any: the fast path."""
-    return (
-        getattr(quantizer, "backend", None) is None
-        and isinstance(quantizer._num_bits, int)
-        and not quantizer.block_sizes
-        and not quantizer._dynamic
-        and getattr(quantizer, "_amax", None) is not None
-        and quantizer._amax.device.type == "cpu"
-        and (not quantizer.bias or quantizer.bias_type == "static")
-    )
+    from sq_plugin.modelopt_glue import is_dynamic, static_amax
+
+    if getattr(quantizer, "backend", None) is not None or not isinstance(quantizer.num_bits, int) \
+            or quantizer.block_sizes or is_dynamic(quantizer):
+        return False
+    amax = static_amax(quantizer)
+    return (amax is not None and amax.device.type == "cpu"
+            and (not quantizer.bias or quantizer.bias_type == "static"))
 
 
 @contextmanager

@@ -76,8 +76,10 @@ def calibrator_amax(cal, name: str, kwargs: dict, num_bins: int | None = None, s
     ``shift=True``: ``(amax, bias)`` of its one-sided range (see ``calibrators.shifted_range``).
     """
     from sq_plugin import calibrator_class
+    from sq_plugin.modelopt_glue import calibrator_bits
 
-    searcher = calibrator_class(name)(num_bits=cal._num_bits, unsigned=cal._unsigned,
+    num_bits, unsigned = calibrator_bits(cal)
+    searcher = calibrator_class(name)(num_bits=num_bits, unsigned=unsigned,
                                       num_bins=num_bins or cal.histogram.num_bins, shift=shift, **kwargs)
     return searcher.search(cal.histogram, cal.signed_min) if shift else searcher.search(cal.histogram)
 
@@ -186,7 +188,7 @@ def run_layerwise(
     progress: bool = True,
 ) -> LayerwiseResult:
     """The default recipe on ``sm``: best uniform start, then the best calibrator per layer."""
-    from sq_plugin.modelopt_glue import set_mse_weight_amax, set_shift, weight_quantizers
+    from sq_plugin.modelopt_glue import calibrator_of, set_mse_weight_amax, set_shift, weight_quantizers
 
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
                                                   recipe="default")
@@ -195,8 +197,8 @@ def run_layerwise(
     lap = clock.lap
     qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model
-    shiftable = {n for n, q in acts.items() if one_sided(q._calibrator)}
-    candidates = {n: layer_candidates(q._calibrator, s.num_bins, n in shiftable) for n, q in acts.items()}
+    shiftable = {n for n, q in acts.items() if one_sided(calibrator_of(q))}
+    candidates = {n: layer_candidates(calibrator_of(q), s.num_bins, n in shiftable) for n, q in acts.items()}
     specs = {spec_label(name, kw): (name, kw, False) for name, kw in CANDIDATES}
     specs.update({spec_label(name, kw) + SHIFT: (name, kw, True) for name, kw in CANDIDATES})
     for n in shiftable:
@@ -327,5 +329,5 @@ def run_layerwise(
         weight_calibrator=w_method, layers=layers, final_kl=final_kl, final_wer=errors["stablequant"].wer,
         amax={n: float(q.amax) for n, q in acts.items()}, config=config, evaluations=evaluations,
         seconds=clock.seconds, dev_errors=dev_errors, model=qsm,
-        histograms={n: histogram_arrays(q._calibrator) for n, q in acts.items()},
+        histograms={n: histogram_arrays(calibrator_of(q)) for n, q in acts.items()},
     )

@@ -263,11 +263,13 @@ def run_stablequant(
     progress: bool = True,
 ) -> StableQuantResult:
     """Algorithm 1 on ``sm``; returns the quantized copy, the decisions and a ModelOpt config."""
+    from sq_plugin.modelopt_glue import calibrator_of
+
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume)
     lap = clock.lap
     qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model
-    cals = {n: q._calibrator for n, q in acts.items()}
+    cals = {n: calibrator_of(q) for n, q in acts.items()}
     runner = PrefixRunner(model, forward_logits, dev_batches)
     evaluations = 0
     lap("calibrate")

@@ -2,6 +2,11 @@
 
 Kept thin on purpose: the range search lives in :mod:`calibrators`; this module only decides
 which quantizer gets which calibrator and lets ModelOpt's own max-calibration loop drive them.
+It is also the one module that touches ModelOpt's private ``TensorQuantizer`` / calibrator
+attributes (the accessors below; ``tests/test_layering.py`` greps for any other use), so a ModelOpt
+release that renames them breaks in one place. Public properties (``amax``, ``num_bits``,
+``unsigned``, ``axis``, ``narrow_range``, ``is_enabled``, ``disable_calib()``...) are used wherever
+they exist.
 """
 
 from __future__ import annotations
@@ -54,6 +59,61 @@ class StableQuantCalibConfig(QuantizeAlgorithmConfig):
     )
 
 
+# ----------------------------------------------------------------------------- private attributes
+# ModelOpt 0.47 has no public getter for these.
+
+
+def calibrator_of(q: TensorQuantizer):
+    """The quantizer's calibrator (None before one is configured)."""
+    return getattr(q, "_calibrator", None)
+
+
+def set_calibrator(q: TensorQuantizer, cal) -> None:
+    q._calibrator = cal
+
+
+def calibrator_bits(cal) -> tuple[int, bool]:
+    """(num_bits, unsigned) a ModelOpt-API calibrator searches scales for."""
+    return cal._num_bits, cal._unsigned
+
+
+def _set_calibrator_bits(cal, q: TensorQuantizer) -> None:
+    cal._num_bits, cal._unsigned, cal._axis = q.num_bits, q.unsigned, q.axis
+
+
+def is_dynamic(q: TensorQuantizer) -> bool:
+    """Dynamic ("type": "dynamic") quantizers compute amax per call and are never calibrated."""
+    return bool(q._dynamic)
+
+
+def quantizes(q: TensorQuantizer) -> bool:
+    """Fake quantization switched on (``enable_quant()`` / ``disable_quant()``)."""
+    return bool(q._if_quant)
+
+
+def collects(q: TensorQuantizer) -> bool:
+    """Calibration switched on (``enable_calib()`` / ``disable_calib()``)."""
+    return bool(q._if_calib)
+
+
+def static_amax(q: TensorQuantizer) -> torch.Tensor | None:
+    """The stored amax, or None when not calibrated or dynamic (``q.amax`` asserts on dynamic)."""
+    return None if q._dynamic else getattr(q, "_amax", None)
+
+
+def amax_for(q: TensorQuantizer, inputs: torch.Tensor) -> torch.Tensor:
+    """The amax the quantizer applies to ``inputs`` (for quant backends, which get the quantizer)."""
+    return q._get_amax(inputs)
+
+
+def bias_for(q: TensorQuantizer, inputs: torch.Tensor) -> torch.Tensor | None:
+    """The static shift (bias) the quantizer subtracts before quantizing, or None."""
+    return q._get_bias(inputs)
+
+
+# ----------------------------------------------------------------------------- the algorithm
+
+
 def is_weight_quantizer(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("weight_quantizer")
 
@@ -64,8 +124,8 @@ def activation_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
         name: q
         for name, q in model.named_modules()
         if isinstance(q, TensorQuantizer)
-        and not q._disabled
-        and not q._dynamic
+        and q.is_enabled
+        and not is_dynamic(q)
         and not is_weight_quantizer(name)
     }
 
@@ -121,21 +181,22 @@ def install_stablequant_calibrators(
     match_clip_layers(list(quantizers), list(layer_calibrators))  # every pattern must match
     installed = {}
     for name, q in quantizers.items():
-        if q._axis is not None or q.block_sizes:
+        if q.axis is not None or q.block_sizes:
             raise ValueError(
                 f"{name}: StableQuant calibrates per-tensor activations; this quantizer has "
-                f"axis={q._axis} block_sizes={q.block_sizes}"
+                f"axis={q.axis} block_sizes={q.block_sizes}"
             )
         chosen = _layer_calibrator(name, layer_calibrators)
-        current = getattr(q, "_calibrator", None)
+        current = calibrator_of(q)
         if chosen is None and isinstance(current, HistogramCalibratorBase) \
                 and not isinstance(current, StableQuantCalibrator):
+            _set_calibrator_bits(current, q)  # built by ModelOpt from a constructor tuple: no bits
             installed[name] = current  # the calibrator the user put in quant_cfg stays
             continue
         if chosen is None:
             cal = StableQuantCalibrator(
-                num_bits=q._num_bits,
-                unsigned=q._unsigned,
+                num_bits=q.num_bits,
+                unsigned=q.unsigned,
                 num_bins=num_bins,
                 cutoff=cutoff if name in clipped else 0.0,
                 mse=mse,
@@ -143,11 +204,11 @@ def install_stablequant_calibrators(
         else:
             cls_name, kwargs = chosen
             try:
-                cal = calibrator_class(cls_name)(num_bits=q._num_bits, unsigned=q._unsigned,
+                cal = calibrator_class(cls_name)(num_bits=q.num_bits, unsigned=q.unsigned,
                                                  num_bins=num_bins, **kwargs)
             except TypeError as e:
                 raise ValueError(f"{name}: bad layer_calibrators entry {chosen}: {e}") from None
-        q._calibrator = cal
+        set_calibrator(q, cal)
         installed[name] = cal
     return installed
 
@@ -288,24 +349,35 @@ def _register_mode() -> None:
         _calib_func = stablequant_calibrate
 
 
+def tuple_calibrators_get_quantizer_bits() -> bool:
+    """Does this ModelOpt hand a quantizer's num_bits to a calibrator built from a constructor tuple?
+
+    ModelOpt 0.47 does not (only "max"/"histogram" get them), so a W6 quantizer with
+    ``"calibrator": sq_plugin.calibrator("mse")`` would search 8-bit scales.
+    """
+    probe = TensorQuantizer()
+    probe.set_from_attribute_config({"num_bits": 5, "calibrator": (StableQuantCalibrator, (), {})})
+    return calibrator_bits(calibrator_of(probe))[0] == 5
+
+
 def _sync_calibrator_attributes() -> None:
     """Make a quantizer's ``num_bits``/``unsigned``/``axis`` reach our calibrators.
 
-    ModelOpt builds a calibrator from a constructor tuple without passing the quantizer's
-    settings (only ``"max"``/``"histogram"`` get them), so a W6 quantizer would search 8-bit
-    scales. Wrapping ``set_from_attribute_config`` copies them after every config update.
+    WORKAROUND for ModelOpt <= 0.47 (see :func:`tuple_calibrators_get_quantizer_bits`); applied only
+    while the probe shows it is needed, so it switches itself off on a ModelOpt that passes the
+    settings. Drop it (and the probe) once the oldest supported ModelOpt does. The "stablequant"
+    algorithm does not rely on it: it sets bits where it installs calibrators. The patch covers
+    our calibrators used with ModelOpt's own algorithms (``"max"``), where no code of ours runs.
     """
     original = TensorQuantizer.set_from_attribute_config
-    if getattr(original, "_sq_plugin_sync", False):
+    if getattr(original, "_sq_plugin_sync", False) or tuple_calibrators_get_quantizer_bits():
         return
 
     def set_from_attribute_config(self, attribute_cfg):
         original(self, attribute_cfg)
-        cal = getattr(self, "_calibrator", None)
+        cal = calibrator_of(self)
         if isinstance(cal, HistogramCalibratorBase):
-            cal._num_bits = self._num_bits
-            cal._unsigned = self._unsigned
-            cal._axis = self._axis
+            _set_calibrator_bits(cal, self)
 
     set_from_attribute_config._sq_plugin_sync = True
     set_from_attribute_config.__doc__ = original.__doc__
