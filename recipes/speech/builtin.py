@@ -9,4 +9,4 @@ from .registry import hookimpl
 def sq_speech_model_families():
     from . import fairseq_ctc, hf_ctc, onnx_ctc, torchaudio_ctc
 
-    return [hf_ctc.FAMILY, fairseq_ctc.FAMILY, torchaudio_ctc.FAMILY, onnx_ctc.FAMILY]
+    return [onnx_ctc.FAMILY, hf_ctc.FAMILY, fairseq_ctc.FAMILY, torchaudio_ctc.FAMILY]

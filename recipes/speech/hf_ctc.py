@@ -336,9 +336,9 @@ class HFCTCFamily(SpeechFamily):
             name=type(model).__name__, family=self.name)
 
     def claims_module(self, model: nn.Module) -> bool:
-        from transformers import PreTrainedModel
-
-        return isinstance(model, PreTrainedModel) and hasattr(model, "_get_feat_extract_output_lengths")
+        # duck-typed: any module with the HF CTC interface (``.logits`` output and the frame-count
+        # method), as transformers' own CTC classes and look-alikes have
+        return callable(model) and hasattr(model, "_get_feat_extract_output_lengths")
 
     def logits(self, model, input_values, attention_mask=None):
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
