@@ -176,3 +176,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if result is not None and args.command == "eval" and args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+if __name__ == "__main__":  # python -m recipes.cli
+    raise SystemExit(main())
