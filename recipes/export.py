@@ -538,9 +538,20 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
             "size_bytes": out_path.stat().st_size}
 
 
+def load_onnx(path: str | Path, **kwargs) -> onnx.ModelProto:
+    """onnx.load with a one-line error naming the file for anything that is not an ONNX model."""
+    try:
+        return onnx.load(str(path), **kwargs)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ONNX model not found: {path}") from None
+    except Exception as e:  # protobuf DecodeError, truncated file, ...
+        raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+
+
 def read_metadata(onnx_path: str | Path) -> dict[str, object]:
     """The ``sq.*`` metadata written by export_onnx, JSON-decoded where possible."""
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = load_onnx(onnx_path, load_external_data=False)
     meta = {}
     for prop in proto.metadata_props:
         if prop.key.startswith(META_PREFIX):

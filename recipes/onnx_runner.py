@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.export import constant_values, prune_unused, read_metadata
+from recipes.export import constant_values, load_onnx, prune_unused, read_metadata
 
 MIN_IM2COL_DEPTH = 64  # Cin*kernel below this (the 1-channel waveform conv) gains nothing
 
@@ -151,17 +151,19 @@ def _drop_dead_nodes(graph) -> None:
 def make_session(path: str | Path, providers: list[str] | None = None, session_options=None,
                  lower_conv: bool = True):
     """ONNX Runtime session for an exported file; int8 convs lowered for the CPU EP (in memory)."""
-    import onnx
     import onnxruntime as ort
 
     providers = providers or ["CPUExecutionProvider"]
     model = str(path)
     if lower_conv and providers[0] == "CPUExecutionProvider":
-        proto = onnx.load(model)
+        proto = load_onnx(model)
         if lower_qdq_conv_for_ort(proto):
             model = proto.SerializeToString()
         del proto  # not held while ORT builds the session (peak memory)
-    return ort.InferenceSession(model, sess_options=session_options, providers=providers)
+    try:
+        return ort.InferenceSession(model, sess_options=session_options, providers=providers)
+    except Exception as e:  # ORT's Fail / InvalidGraph / NotImplemented: a graph it cannot run
+        raise ValueError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
 
 
 class OnnxCTCModel:

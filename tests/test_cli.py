@@ -201,3 +201,11 @@ def test_out_of_range_options_refused_before_loading(capsys, option, value, mess
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert option in err and message in err and "no-such-model" not in err
+
+
+def test_corrupt_onnx_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(bytes(range(256)) * 12)
+    assert main(["eval", "--onnx", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.onnx: not a readable ONNX model" in err and len(err.splitlines()) == 1

@@ -148,6 +148,9 @@ def test_bad_fairseq_inputs_are_named(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         load_fairseq_ctc(path)
+    path.write_bytes(bytes(range(256)) * 4)  # not even a zip: an old-style pickle of garbage
+    with pytest.raises(ValueError, match=r"checkpoint_best.pt: not a readable PyTorch checkpoint"):
+        load_fairseq_ctc(path)
 
 
 def test_conv_layers_spec_is_parsed_not_evaluated(tmp_path):

@@ -90,10 +90,13 @@ def read_checkpoint(path: Path) -> dict:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = found.group(1) if found else str(e).splitlines()[0]
-        raise ValueError(f"{path}: refused to unpickle {what}: a fairseq checkpoint may hold only tensors, "
-                         "containers, argparse.Namespace and omegaconf configs (this one would run code "
-                         "or needs a class we do not allow)") from None
+        if found is None:  # not a disallowed class: a corrupt or foreign pickle
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint "
+                             f"({detail.group(1).strip() if detail else str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: refused to unpickle {found.group(1)}: a fairseq checkpoint may hold only "
+                         "tensors, containers, argparse.Namespace and omegaconf configs (this one would run "
+                         "code or needs a class we do not allow)") from None
     except Exception as e:  # truncated zip, not a torch file at all, ...
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
