@@ -52,14 +52,9 @@ def output_lengths(model, lengths):
     return family_of(net).output_lengths(net, lengths)
 
 
-def forward_logits(model, input_values, attention_mask=None):
-    net = model.model if isinstance(model, SpeechModel) else model
-    return family_of(net).logits(net, input_values, attention_mask)
-
-
 __all__ = [
     "LAYER_KINDS", "BlockLayout", "LayerInfo", "SpeechFamily", "SpeechModel", "conv_output_lengths",
-    "families", "family_named", "family_of", "forward_logits", "hookimpl", "layer_inventory",
+    "families", "family_named", "family_of", "hookimpl", "layer_inventory",
     "load_speech_model", "output_lengths", "register_family_plugin", "remove_weight_norm",
     "unregister_family_plugin", "wrap_speech_model",
 ]
