@@ -80,3 +80,130 @@ def test_every_stablequant_option_the_readme_names_exists():
             assert flag in known, f"README: `stablequant {command}` has no option {flag}"
             checked += 1
     assert checked >= 20
+
+
+def _as_module(name: str, heading: str):
+    """The README block under ``heading`` executed as the module ``name`` (as a package would hold it)."""
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    exec(compile(_python_block_after(heading), f"README.md:{heading}", "exec"), module.__dict__)
+    return module
+
+
+def test_calibrator_plugin_snippet_registers_and_calibrates(monkeypatch):
+    pytest.importorskip("modelopt.torch.quantization")
+    import sys
+    import types
+
+    import sq_plugin
+
+    monkeypatch.setitem(sys.modules, "my_pkg", types.ModuleType("my_pkg"))
+    ext = _as_module("my_pkg.sq_ext", "### Add your own calibrator (pluggy)")
+    monkeypatch.delitem(sys.modules, "my_pkg.sq_ext")
+    sq_plugin.register_plugin(ext)
+    try:
+        assert "my-calibrator" in sq_plugin.calibrator_names()
+        cls, args, kwargs = sq_plugin.calibrator("my-calibrator")
+        cal = cls(*args, **kwargs)
+        cal.collect(torch.tensor([0.5, -4.0, 2.0]))
+        assert float(cal.compute_amax()) == pytest.approx(0.9 * 4.0)  # the snippet's rule, by hand
+    finally:
+        sq_plugin.unregister_plugin(ext)
+    assert "my-calibrator" not in sq_plugin.calibrator_names()
+
+
+def test_model_family_snippet_loads_and_runs_a_model(monkeypatch, tmp_path):
+    """The family block as written, with MyCTC standing for the user's module (the toy of
+    tests/test_speech_families.py has the block paths the snippet names)."""
+    import sys
+    import types
+
+    from test_speech_families import ToyCTC
+
+    from recipes.models import resolve_model
+    from recipes.speech import family_of, layer_inventory, register_family_plugin, unregister_family_plugin
+
+    class MyCTC(ToyCTC):
+        pass
+
+    model_mod = types.ModuleType("my_pkg.model")
+    model_mod.MyCTC = MyCTC
+    monkeypatch.setitem(sys.modules, "my_pkg", types.ModuleType("my_pkg"))
+    monkeypatch.setitem(sys.modules, "my_pkg.model", model_mod)
+    family = _as_module("my_pkg.sq_family", "### Add a model family (pluggy)")
+    monkeypatch.delitem(sys.modules, "my_pkg.sq_family")
+    register_family_plugin(family, name="readme-family")
+    try:
+        torch.manual_seed(0)
+        reference = MyCTC().eval()
+        torch.save(reference.state_dict(), tmp_path / "m.myctc")
+        sm = resolve_model(tmp_path / "m.myctc")
+        assert family_of(sm).name == "my-ctc" and sm.vocab == ["<blank>", "|", "A", "B"]
+        assert {i.kind for i in layer_inventory(sm)} >= {"cnn", "transformer", "head"}
+        x = torch.randn(1, 4000)
+        with torch.no_grad():
+            assert torch.equal(family_of(sm).logits(sm.model, x), reference(x))
+    finally:
+        unregister_family_plugin(family)
+
+
+def _bash_lines(prefix: str) -> list[str]:
+    text = README.read_text().replace("\\\n", " ")
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    return [line.strip() for b in blocks for line in b.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_synth_lines_build_a_data_set_the_cli_reads(tmp_path):
+    """The README's `python -m recipes.synth` lines, run as written but with 2 utterances each."""
+    import shutil
+    import subprocess
+    import sys
+
+    lines = _bash_lines("python -m recipes.synth")
+    assert len(lines) == 2
+    if not (shutil.which("espeak-ng") and shutil.which("sox")):
+        pytest.skip("espeak-ng/sox not installed (apt-get install espeak-ng sox)")
+    from recipes.data import open_dataset
+
+    for line in lines:
+        args = line.split()[3:]
+        args[args.index("--count") + 1] = "2"
+        out = tmp_path / Path(args[args.index("--out") + 1]).name
+        args[args.index("--out") + 1] = str(out)
+        subprocess.run([sys.executable, "-m", "recipes.synth", *args], check=True, capture_output=True,
+                       cwd=README.parent)
+        utterances = list(open_dataset(out / "index.tsv"))
+        assert len(utterances) == 2 and all(u.text.strip() for u in utterances)
+
+
+def test_trtexec_line_matches_the_exported_onnx(tmp_path):
+    """`trtexec ... --minShapes=input_values:1x8000 ...`: the input the exporter writes, with
+    dynamic batch and length, and shapes long enough for the model's receptive field."""
+    pytest.importorskip("modelopt.torch.quantization")
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import onnx
+
+    from recipes.export import export_onnx
+    from recipes.models import random_model, remove_weight_norm
+
+    (line,) = _bash_lines("trtexec")
+    assert "--stronglyTyped" in line and "--onnx=model.onnx" in line
+    shapes = dict(re.findall(r"--(min|opt|max)Shapes=(\S+)", line))
+    sm = random_model("tiny", seed=0)
+    remove_weight_norm(sm.model)
+    mtq.quantize(sm.model, copy.deepcopy(mtq.INT8_DEFAULT_CFG), lambda m: m(torch.randn(1, 16000)))
+    proto = onnx.load(export_onnx(sm, tmp_path / "model.onnx")["path"])
+    (graph_input,) = proto.graph.input
+    dims = graph_input.type.tensor_type.shape.dim
+    assert len(dims) == 2 and all(d.dim_param for d in dims)  # batch and samples are dynamic
+    for spec in shapes.values():
+        name, shape = spec.split(":")
+        batch, samples = map(int, shape.split("x"))
+        assert name == graph_input.name and batch >= 1 and samples >= 400  # 400: wav2vec2's receptive field
+    assert [int(shapes[k].split("x")[1]) for k in ("min", "opt", "max")] == \
+        sorted(int(shapes[k].split("x")[1]) for k in ("min", "opt", "max"))
