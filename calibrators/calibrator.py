@@ -110,7 +110,7 @@ class HistogramCalibratorBase(_Calibrator):
         return self._as_tensor(search.shifted_range(self._search(*self._checked_inputs()), self.signed_min)[1])
 
     def _as_tensor(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self._hist.counts.device)
+        return torch.tensor(values, dtype=torch.float32, device=self._hist.device)
 
     def _search(self, counts, edges, amax) -> float:
         raise NotImplementedError

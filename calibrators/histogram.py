@@ -19,6 +19,14 @@ at least ``num_bins / 2`` bins cover the data (the first batch's max sets the ra
 
 All-zero data: ``amax`` is 0 and ``range`` stays 0 (every count in bin 0) until a non-zero
 value arrives; the search functions return 0.0 for such a histogram.
+
+On an accelerator (CUDA) the histogram is accumulated on the device without a host
+synchronisation per batch (``defer``): the range exponent, amax and int64 counts stay device
+tensors, range growth is the same exact pair merge done with an index shift, and bin indices
+are counted with ``torch.histc`` over at most 2**24 integer-valued floats per call (each bin
+count is then exact in float32). The host sees ``counts``/``range``/``amax`` once, when they
+are first read. A NaN/Inf added there is reported at that read, and every tensor added since
+the last read is dropped (all or nothing, as on the CPU).
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ _SAFE_EXP = 100
 # thread (torch's parallel grain size is 32768) over cache-resident scratch buffers, which
 # is ~4x cheaper than whole-tensor passes and never waits for a busy second core.
 _CPU_BLOCK = 1 << 15
+# Deferred (device) path: elements per step; also keeps every histc bin count <= 2**24, which
+# float32 holds exactly, and bounds the temporaries to two buffers of this size.
+_DEVICE_BLOCK = 1 << 24
+_NO_RANGE = -(1 << 20)  # range exponent while only zeros were seen
 
 
 def _pow2_above(value: float) -> float:
@@ -58,6 +70,13 @@ def _grown(counts: torch.Tensor, rng: float, value: float) -> tuple[torch.Tensor
     return counts, rng
 
 
+def _pow2(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**exponent in ``dtype``, exact: built from the exponent bits (normal range only)."""
+    if dtype == torch.float64:
+        return ((exponent.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
 class AbsHistogram:
     """Histogram of |x| with exact int64 counts on a power-of-two range.
 
@@ -65,14 +84,49 @@ class AbsHistogram:
     saved with :meth:`to_state` without pickling objects.
     """
 
-    def __init__(self, num_bins: int = 2048):
+    def __init__(self, num_bins: int = 2048, defer: bool | None = None):
         if not isinstance(num_bins, int) or num_bins < 2 or num_bins & (num_bins - 1):
             raise ValueError(f"num_bins must be a power of two >= 2, got {num_bins!r}")
         self.num_bins = num_bins
-        self.counts = torch.zeros(num_bins, dtype=torch.int64)
-        self.range = 0.0
-        self.amax = 0.0
+        self._counts = torch.zeros(num_bins, dtype=torch.int64)
+        self._range = 0.0
+        self._amax = 0.0
         self.total = 0
+        self.device = torch.device("cpu")  # where the data came from (amax tensors go there)
+        # None: defer on accelerators only; True also on the CPU (tests of the device path)
+        self.defer = defer
+        self._pending: tuple | None = None  # device (counts, range exponent, amax) not yet read
+
+    # counts / range / amax: host values, settled from the device state on first read
+    @property
+    def counts(self) -> torch.Tensor:
+        self._settle()
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: torch.Tensor) -> None:
+        self._settle()
+        self._counts = value
+
+    @property
+    def range(self) -> float:
+        self._settle()
+        return self._range
+
+    @range.setter
+    def range(self, value: float) -> None:
+        self._settle()
+        self._range = value
+
+    @property
+    def amax(self) -> float:
+        self._settle()
+        return self._amax
+
+    @amax.setter
+    def amax(self, value: float) -> None:
+        self._settle()
+        self._amax = value
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -85,6 +139,11 @@ class AbsHistogram:
         flat = x.detach().reshape(-1)
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()  # fp16/bf16/int: float32 holds them exactly
+        self.device = flat.device
+        if self.defer or (self.defer is None and flat.device.type != "cpu"):
+            self._add_deferred(flat)
+            return
+        self._settle()
         if self.total == 0:
             self.counts = self.counts.to(flat.device)
         block = _CPU_BLOCK if flat.device.type == "cpu" else flat.numel()
@@ -110,6 +169,52 @@ class AbsHistogram:
             counts += torch.bincount(index, minlength=self.num_bins).to(counts.device)
         self.counts, self.range, self.amax = counts, rng, amax
         self.total += flat.numel()
+
+    def _add_deferred(self, flat: torch.Tensor) -> None:
+        """The device path of :meth:`add`: same bins, no host synchronisation."""
+        dev, nb = flat.device, self.num_bins
+        if self._pending is None or self._pending[0].device != dev:
+            self._settle()
+            exp = math.frexp(self._range)[1] - 1 if self._range > 0 else _NO_RANGE
+            self._pending = (self._counts.to(dev), torch.tensor(exp, dtype=torch.int64, device=dev),
+                             torch.tensor(self._amax, dtype=torch.float64, device=dev))
+        counts, exp, amax = self._pending
+        bins = torch.arange(nb, device=dev)
+        log2_bins = nb.bit_length() - 1
+        limit = 250 if flat.dtype == torch.float32 else 2000  # halves of the scale stay normal
+        for start in range(0, flat.numel(), _DEVICE_BLOCK):
+            absx = flat[start : start + _DEVICE_BLOCK].abs()
+            block_max = absx.max().double()
+            amax = torch.maximum(amax, block_max)  # NaN/Inf propagate: reported when settled
+            block_exp = torch.where(block_max > 0, torch.frexp(block_max).exponent.long(),
+                                    torch.tensor(_NO_RANGE, device=dev))
+            new_exp = torch.maximum(exp, block_exp)
+            # the range doubled (new_exp - exp) times: bin k of the old range is bin k >> shift
+            shift = (new_exp - exp).clamp(0, 62)
+            counts = torch.zeros_like(counts).index_add_(0, bins >> shift, counts)
+            exp = new_exp
+            # |x| * num_bins / range as two exact power-of-two multiplies, floored: the bin index
+            scale_exp = (log2_bins - exp).clamp(-limit, limit)
+            half = torch.div(scale_exp, 2, rounding_mode="floor")
+            index = torch.floor_(absx.mul_(_pow2(half, absx.dtype)).mul_(_pow2(scale_exp - half, absx.dtype)))
+            counts += torch.histc(index.float(), bins=nb, min=0, max=nb).long()
+        self._pending = (counts, exp, amax)
+        self.total += flat.numel()
+
+    def _settle(self) -> None:
+        """Bring the device state to the host (the one synchronisation of the device path)."""
+        if self._pending is None:
+            return
+        counts, exp, amax = self._pending
+        self._pending = None
+        amax_value, exp_value = float(amax), int(exp)
+        if not math.isfinite(amax_value):
+            self.total = int(self._counts.sum())  # what was added before the device tensors
+            raise ValueError(f"a tensor added on {counts.device} contains non-finite values (NaN/Inf, "
+                             f"max |x| = {amax_value}); calibration data must be finite")
+        self._counts = counts.cpu()
+        self._range = 0.0 if exp_value == _NO_RANGE else math.ldexp(1.0, exp_value)
+        self._amax = amax_value
 
     def _raise_non_finite(self, x: torch.Tensor) -> None:
         bad = ~torch.isfinite(x)

@@ -1,10 +1,16 @@
-"""A faster, bitwise-identical CPU fake-quant for the many evaluations of the recipe's search.
+"""A faster, bitwise-identical fake quant (CPU and CUDA) for the many evaluations of the search.
 
 ModelOpt's CPU path (``tensor_quant._tensor_quant``) allocates three full-size temporaries per
 call; on SFM CNN activations that is most of an evaluation's quantization cost. This does the
 same float32 operations in the same order (multiply by ``max_bound / amax``, round half to even,
 clamp, divide), in place, through ModelOpt's own quant-backend hook, and only for plain
 per-tensor / per-channel integer quantizers. ``tests/test_fastquant.py`` checks bit equality.
+
+On CUDA, ModelOpt JIT-builds its extension (``modelopt_cuda_ext``, ~61 s on a fresh machine) on
+the first fake quant. Its kernel (``tensor_quant_gpu.cu``, compiled without fast math) does the
+same IEEE float32 operations with two differences, which ``kernel="cuda"`` reproduces: amax
+*below* 2**-24 (not at or below) quantizes to zero, and that zero is always +0. So the search
+never waits for the build; remove the CUDA branch if ModelOpt ever ships the kernel prebuilt.
 """
 
 from __future__ import annotations
@@ -19,18 +25,34 @@ _TINY_AMAX = 1.0 / (1 << 24)  # ModelOpt treats amax at or below this as zero
 
 
 def fake_quant_int(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool,
-                   narrow_range: bool) -> torch.Tensor:
-    """Symmetric integer fake quantization, the same arithmetic as ModelOpt's ``_tensor_quant``."""
-    if unsigned and inputs.min() < 0.0:
-        raise TypeError("Negative values encountered in unsigned quantization.")
+                   narrow_range: bool, kernel: str | None = None) -> torch.Tensor:
+    """Symmetric integer fake quantization, the same arithmetic as ModelOpt's.
+
+    ``kernel``: whose rules to follow, "cpu" (``_tensor_quant``) or "cuda" (the CUDA extension);
+    default: the one ModelOpt runs for ``inputs``' device.
+    """
+    cuda_rules = (kernel or ("cuda" if inputs.is_cuda else "cpu")) == "cuda"
     dtype = inputs.dtype
     amax = amax.float()
-    if amax.min() < 0:
-        raise ValueError("Negative values in amax")
     max_bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
     min_bound = 0.0 if unsigned else (-max_bound if narrow_range else -max_bound - 1.0)
     scale = torch.tensor(max_bound, device=amax.device) / amax
-    zero = amax <= _TINY_AMAX
+    if inputs.is_cuda:  # no host synchronisation per call: checks run on the device, no branches
+        torch._assert_async(amax.min() >= 0, "Negative values in amax")
+        if unsigned:
+            torch._assert_async(inputs.min() >= 0, "Negative values encountered in unsigned quantization.")
+        zero = amax < _TINY_AMAX if cuda_rules else amax <= _TINY_AMAX
+        out = inputs.float() * torch.where(zero, torch.zeros_like(scale), scale)
+        out.round_().clamp_(min_bound, max_bound)
+        out.div_(torch.where(zero, torch.ones_like(scale), scale))
+        if cuda_rules:
+            out.masked_fill_(zero, 0.0)  # the kernel returns +0 for a zero amax
+        return out.to(dtype)
+    if unsigned and inputs.min() < 0.0:
+        raise TypeError("Negative values encountered in unsigned quantization.")
+    if amax.min() < 0:
+        raise ValueError("Negative values in amax")
+    zero = amax < _TINY_AMAX if cuda_rules else amax <= _TINY_AMAX
     has_zero = bool(zero.any())
     if has_zero:  # amax 0 quantizes everything to 0
         scale = torch.where(zero, torch.zeros_like(scale), scale)
@@ -39,6 +61,8 @@ def fake_quant_int(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsi
     if has_zero:
         scale = torch.where(zero, torch.ones_like(scale), scale)
     out.div_(scale)
+    if has_zero and cuda_rules:
+        out.masked_fill_(zero, 0.0)  # the kernel returns +0 for a zero amax
     return out.to(dtype)
 
 
@@ -54,14 +78,14 @@ def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
 
 
 def eligible(quantizer) -> bool:
-    """Plain integer fake quant on CPU with a calibrated amax and a static shift if any: the fast path."""
+    """Plain integer fake quant (CPU or CUDA) with a calibrated amax and a static shift if any: the fast path."""
     from sq_plugin.modelopt_glue import is_dynamic, static_amax
 
     if getattr(quantizer, "backend", None) is not None or not isinstance(quantizer.num_bits, int) \
             or quantizer.block_sizes or is_dynamic(quantizer):
         return False
     amax = static_amax(quantizer)
-    return (amax is not None and amax.device.type == "cpu"
+    return (amax is not None and amax.device.type in ("cpu", "cuda")
             and (not quantizer.bias or quantizer.bias_type == "static"))
 
 

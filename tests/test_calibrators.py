@@ -326,3 +326,59 @@ def test_shift_searches_one_more_bit_then_moves_the_range(name):
     assert float(shifted6.compute_bias()) == pytest.approx((upper + lo) / 2, rel=1e-6)
     assert shifted6.search(shifted6.histogram, lo) == pytest.approx(((upper - lo) / 2, (upper + lo) / 2), rel=1e-6)
     assert cls(num_bits=6).compute_bias() is None
+
+
+# ---------------------------------------------------------------- device (deferred) path
+def _deferred_vs_host(batches, num_bins=256):
+    host, deferred = AbsHistogram(num_bins), AbsHistogram(num_bins, defer=True)
+    for b in batches:
+        host.add(b)
+        deferred.add(b)
+    assert deferred._pending is not None  # nothing reached the host while adding
+    return host, deferred
+
+
+def test_deferred_path_matches_host_path_and_numpy():
+    """The sync-free device path (run on CPU tensors here) bins exactly as the host path."""
+    rng = np.random.default_rng(1)
+    batches = [np.zeros(7), rng.normal(scale=0.01, size=5000), rng.laplace(scale=300.0, size=5000),
+               rng.normal(scale=0.5, size=3000), np.array([1e-30, 2.0**-120, 0.25, 4096.0])]
+    batches = [torch.from_numpy(b.astype(np.float32)) for b in batches]
+    host, deferred = _deferred_vs_host(batches)
+    assert torch.equal(deferred.counts, host.counts) and deferred.range == host.range == 8192.0
+    assert deferred.amax == host.amax == 4096.0 and deferred.total == host.total
+    expected, _ = np.histogram(np.abs(torch.cat(batches).double().numpy()), bins=deferred.edges())
+    np.testing.assert_array_equal(deferred.counts_numpy(), expected)
+
+
+def test_deferred_path_blocks_and_all_zero_start(monkeypatch):
+    import calibrators.histogram as hmod
+
+    monkeypatch.setattr(hmod, "_DEVICE_BLOCK", 1000)  # several steps per tensor, range grows mid-tensor
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.01, 500.0, 10_000)
+    host, deferred = _deferred_vs_host([torch.zeros(3), x.double(), torch.tensor([0.5])], num_bins=64)
+    assert torch.equal(deferred.counts, host.counts) and (deferred.range, deferred.amax) == (host.range, host.amax)
+    only_zeros = AbsHistogram(8, defer=True)
+    only_zeros.add(torch.zeros(4))
+    assert only_zeros.range == 0.0 and only_zeros.counts.tolist() == [4, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_deferred_non_finite_reported_when_read_and_dropped():
+    h = AbsHistogram(16, defer=True)
+    h.add(torch.tensor([0.5, 1.5]))
+    assert h.counts.sum() == 2  # settled
+    h.add(torch.tensor([1.0, float("inf")]))
+    h.add(torch.tensor([3.0]))
+    with pytest.raises(ValueError, match="non-finite"):
+        h.counts
+    assert int(h.counts.sum()) == h.total == 2 and h.amax == 1.5  # back to the last good read
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_histogram_matches_cpu():
+    x = torch.randn(3_000_000, generator=torch.Generator().manual_seed(0)) * 40
+    host, dev = AbsHistogram(2048), AbsHistogram(2048)
+    host.add(x)
+    dev.add(x.cuda())
+    assert dev._pending is not None
+    assert torch.equal(dev.counts, host.counts) and (dev.range, dev.amax) == (host.range, host.amax)
