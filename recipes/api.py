@@ -97,20 +97,28 @@ def run_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, settings: Settin
 
 def quantize(model, processor=None, *, calib, dev, bits: int = 8, wbits: int | None = None,
              recipe: str = "default", out_dir: str | Path | None = None, batch_seconds: float = 32.0,
-             seed: int = 0, progress: bool = True, **settings) -> Quantized:
+             seed: int = 0, progress: bool = True, device="auto", **settings) -> Quantized:
     """The whole recipe on ``model``: calibration + dev data in, config + quantized model + report out.
 
     ``calib``/``dev``: a data set path (LibriSpeech dir, fairseq or plain TSV) or a list of
     ``(waveform, transcript)`` pairs at the model's sampling rate. ``out_dir`` also writes the CLI's
     outputs there (report.md/json, modelopt_config.json, model.pth, plots). Extra keyword arguments
-    are :class:`recipes.stablequant.Settings` fields (gamma, grid, num_bins).
+    are :class:`recipes.stablequant.Settings` fields (gamma, grid, num_bins). ``device``:
+    ``auto`` (CUDA when available), ``cpu``, ``cuda[:N]`` or a torch.device; the model moves there.
+    Under torchrun the search is sharded over the ranks and only rank 0 writes ``out_dir``.
     """
+    from .device import batches_to, resolve_device, to_device
+    from .distributed import init_ranks, ranks_from_env
+
     torch.manual_seed(seed)
-    sm = speech_model(model, processor)
-    calib_b, dev_b = as_batches(calib, sm, batch_seconds), as_batches(dev, sm, batch_seconds)
+    dev_ = resolve_device(device, ranks_from_env().local_rank)
+    ranks = init_ranks(dev_)
+    sm = to_device(speech_model(model, processor), dev_)
+    calib_b, dev_b = (batches_to(as_batches(d, sm, batch_seconds), dev_) for d in (calib, dev))
     s = Settings(wbits=wbits or bits, abits=bits, **settings)
-    result, meta = run_recipe(sm, calib_b, dev_b, s, recipe, seed=seed, progress=progress)
-    if out_dir is not None:
+    result, meta = run_recipe(sm, calib_b, dev_b, s, recipe, seed=seed, progress=progress and ranks.main)
+    meta.update(device=str(dev_), ranks=ranks.world)
+    if out_dir is not None and ranks.main:
         from .report import write_quantize_outputs
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -180,7 +180,8 @@ def decode_logits(sm, logits: torch.Tensor, batch) -> list[str]:
     from recipes.speech import output_lengths
 
     out_lengths = output_lengths(sm.model, batch.lengths)
-    return greedy_ctc_decode(logits.float().cpu(), sm.vocab, sm.blank_id, sm.word_delimiter, out_lengths)
+    ids = logits.argmax(dim=-1).cpu()  # only the ids cross from the device, not the logits
+    return greedy_ctc_decode(ids, sm.vocab, sm.blank_id, sm.word_delimiter, out_lengths)
 
 
 def transcribe(sm, batches, progress: bool = True) -> list[str]:

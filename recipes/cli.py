@@ -44,6 +44,22 @@ def _number(kind, low=None, high=None, power_of_two=False, strict_low=False):
     return parse
 
 
+def _device(text: str) -> str:
+    """``auto|cpu|cuda[:N]``; a CUDA request is checked against the devices present at parse time."""
+    from .device import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device, default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun 'cuda' means "
+                        "one GPU per rank (LOCAL_RANK)")
+
+
 BITS = _number(int, 2, 16)
 NUM_BINS = _number(int, 16, power_of_two=True)
 GAMMA = _number(float, 0.0)
@@ -79,6 +95,7 @@ def _add_common(p: argparse.ArgumentParser, data_args: tuple[str, ...] = ()) -> 
     p.add_argument("--seed", type=int, default=0, help="seed for --limit subsets and bootstrap intervals")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="logging detail (DEBUG also shows tracebacks)")
+    _add_device(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--allow-fp32", action="store_true", help="allow exporting an unquantized model")
     x.add_argument("--overwrite", action="store_true")
 
-    sub.add_parser("calibrators", help="list the registered calibrators (built-in and plugins)")
+    cal = sub.add_parser("calibrators", help="list the registered calibrators (built-in and plugins)", **fmt)
+    _add_device(cal)  # accepted everywhere; listing needs no device
     return parser
 
 
@@ -178,5 +196,5 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m recipes.cli
+if __name__ == "__main__":  # python -m recipes.cli (e.g. torchrun --module recipes.cli)
     raise SystemExit(main())

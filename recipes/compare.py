@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .asr import UtteranceErrors, forward_logits, paired_bootstrap
+from .distributed import current_ranks
 from .fastquant import fast_fake_quant
 from .models import SpeechModel, layer_inventory
 from .layerwise import BASELINE_SPECS, PERCENTILE, calibrator_amax, run_layerwise, spec_label
@@ -105,7 +106,7 @@ def compare_methods(
 
     test_scorer = DevScorer(sm, test)
     test_ids = [i for b in test for i in b.ids]
-    fp32_errors = test_scorer.errors(outputs(sm.model, test))
+    fp32_errors = test_scorer.errors(outputs(sm.model, test_scorer.batches))
     cnn_layers = [i.path for i in layer_inventory(sm.model) if i.kind == "cnn"]
     table: dict = {"fp32_test_wer": fp32_errors.wer, "percentile": PERCENTILE, "test_utterances": len(test_ids),
                    "test_words": int(fp32_errors.words.sum()), "resamples": resamples, "bits": {}}
@@ -134,7 +135,7 @@ def compare_methods(
                 quantizers[n].disable() if tr_only else quantizers[n].enable()
             try:
                 with fast_fake_quant(model):
-                    return test_scorer.errors(outputs(model, test))
+                    return test_scorer.errors(outputs(model, test_scorer.batches))
             finally:
                 for n in cnn_quantizers:
                     quantizers[n].enable()
@@ -145,14 +146,15 @@ def compare_methods(
                      "layer_calibrators": {c.quantizer: c.chosen for c in default.layers},
                      "weight_calibrator": default.weight_calibrator}
         jobs = [(m, False) for m in BASELINES] + [("max", True), ("percentile", True), ("stablequant_paper", False)]
-        for method, tr_only in tqdm(jobs, desc=f"compare W{b}A{b} on test", leave=False):
+        for method, tr_only in tqdm(jobs, desc=f"compare W{b}A{b} on test", leave=False,
+                                    disable=not current_ranks().main):
             amax = paper.amax if method == "stablequant_paper" else {
                 n: baseline_amax(calibrator_of(q), method) for n, q in acts.items()}
             key = f"{method}_tr_only" if tr_only else method
             errors[key] = errors_with(amax, tr_only)
         errors_with(paper.amax)  # leave the model as the paper's recipe chose
         with fast_fake_quant(default.model.model):
-            errors["stablequant"] = test_scorer.errors(outputs(default.model.model, test))
+            errors["stablequant"] = test_scorer.errors(outputs(default.model.model, test_scorer.batches))
         row.update({k: e.wer for k, e in errors.items() if k != "fp32"})
         systems = {k: e for k, e in errors.items() if not k.endswith("_tr_only")}
         row["intervals"] = intervals(systems, "fp32", [*BASELINES, "stablequant_paper"], resamples, seed)

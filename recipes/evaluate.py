@@ -49,15 +49,21 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 
 def run_eval(model: str | Path | SpeechModel = "demo", data: str | Path | None = None,
              limit: int | None = None, batch_seconds: float = 32.0, skip_bad: bool = False,
-             seed: int = 0, progress: bool = True, print_table: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, print_table: bool = True, device=None) -> dict:
     """Load model and data, transcribe, score; returns the metrics (and transcripts).
 
-    `model` may also be a ready SpeechModel (e.g. a quantized copy of the demo model).
+    `model` may also be a ready SpeechModel (e.g. a quantized copy of the demo model). ``device``
+    (``auto|cpu|cuda[:N]`` or a torch.device): where to run; default: where the model is.
     """
+    from recipes.device import batches_to, resolve_device, to_device
+
     sm = model if isinstance(model, SpeechModel) else resolve_model(model)
+    if device is not None:
+        to_device(sm, resolve_device(device))
     utts, data_label = load_eval_data(model, data)
     batches = make_batches(utts, sm, batch_seconds=batch_seconds, limit=limit, seed=seed,
                            skip_bad=skip_bad)
+    batches = batches_to(batches, next(sm.model.parameters()).device)
     start = time.perf_counter()
     result = evaluate(sm, batches, progress=progress)
     elapsed = time.perf_counter() - start

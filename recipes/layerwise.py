@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .asr import forward_logits
+from .distributed import DevShard, current_ranks
 from .fastquant import fast_fake_quant
 from .models import SpeechModel
 from .reuse import PrefixRunner
@@ -116,21 +117,27 @@ def walk_ladder(labels: list[str], start: str, score) -> str:
 
 
 class LogitDivergence:
-    """Mean per-frame KL(fp32 || quantized) of the CTC output distributions over a dev set."""
+    """Mean per-frame KL(fp32 || quantized) of the CTC output distributions over a dev set.
 
-    def __init__(self, reference_logits: Sequence[torch.Tensor]):
+    ``shard`` (under torchrun): the logits are this rank's batches; per-batch sums are
+    all-reduced and added in global batch order, exactly as one process adds them.
+    """
+
+    def __init__(self, reference_logits: Sequence[torch.Tensor], shard: DevShard | None = None):
         self.ref = [F.log_softmax(l.float(), dim=-1) for l in reference_logits]
-        self.frames = sum(r.shape[0] * r.shape[1] for r in self.ref)
+        self.shard = shard or DevShard.whole(len(self.ref))
+        self.frames = int(sum(self.shard.per_batch([r.shape[0] * r.shape[1] for r in self.ref])))
         if not self.frames:
             raise ValueError("the dev set produced no output frames")
 
     def __call__(self, logits: Sequence[torch.Tensor]) -> float:
         if len(logits) != len(self.ref):
             raise ValueError(f"{len(logits)} outputs for {len(self.ref)} dev batches")
+        sums = [(ref.exp() * (ref - F.log_softmax(out.float(), dim=-1))).sum() for ref, out in zip(self.ref, logits)]
+        sums = torch.stack(sums).double().cpu().tolist() if sums else []  # one host sync per evaluation
         total = 0.0
-        for ref, out in zip(self.ref, logits):
-            q = F.log_softmax(out.float(), dim=-1)
-            total += float((ref.exp() * (ref - q)).sum())
+        for value in self.shard.per_batch(sums):
+            total += value
         return total / self.frames
 
 
@@ -210,7 +217,9 @@ def run_layerwise(
     lap("calibrate")
 
     evaluations = 0
-    runner = PrefixRunner(model, forward_logits, dev_batches)
+    dev = scorer.batches  # this rank's share of the dev set
+    progress = progress and current_ranks().main
+    runner = PrefixRunner(model, forward_logits, dev)
 
     def outputs(module_path: str | None) -> list[torch.Tensor]:
         nonlocal evaluations
@@ -236,8 +245,8 @@ def run_layerwise(
         for q in quantizers.values():  # fp32 reference: every quantizer off
             q.disable()
         with torch.inference_mode():
-            ref_logits = [forward_logits(model, b) for b in dev_batches]
-        divergence = LogitDivergence(ref_logits)
+            ref_logits = [forward_logits(model, b) for b in dev]
+        divergence = LogitDivergence(ref_logits, scorer.shard)
         errors = {"fp32": scorer.errors(ref_logits)}
         float_wer = errors["fp32"].wer
         for n, q in quantizers.items():
@@ -315,7 +324,7 @@ def run_layerwise(
         lap("layers")
 
         with folded_weight_quantizers(model), torch.inference_mode():
-            final_logits = [forward_logits(model, b) for b in dev_batches]
+            final_logits = [forward_logits(model, b) for b in dev]
         errors["stablequant"] = scorer.errors(final_logits)
         final_kl = divergence(final_logits)
         lap("final")

@@ -18,11 +18,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .asr import UtteranceErrors, decode_logits, forward_logits, utterance_errors
 from .atomic import write_json_atomic
+from .distributed import DevShard, barrier, current_ranks
 from .fastquant import fast_fake_quant
 from .models import SpeechModel, layer_inventory
 from .qconfig import quantize_copy, stablequant_config
@@ -97,22 +99,34 @@ def result_json(result) -> dict:
 
 
 class DevScorer:
-    """Dev-set WER of whatever a model produces, from logits (decoding stays in one place)."""
+    """Dev-set WER of whatever a model produces, from logits (decoding stays in one place).
+
+    Under torchrun each rank scores only its shard (``batches``: forward those); ``errors``
+    returns the whole set's per-utterance edits, all-reduced (:mod:`recipes.distributed`).
+    """
 
     def __init__(self, sm: SpeechModel, batches: Sequence):
         if not batches or not sum(len(b.texts) for b in batches):
             raise ValueError("the dev set is empty")
-        self.sm, self.batches = sm, batches
+        self.sm, self.all_batches = sm, batches
         self.refs = [t for b in batches for t in b.texts]
         if any(not r.strip() for r in self.refs):
             raise ValueError("the dev set has empty reference transcripts")
+        self.shard = DevShard(batches)
+        self.batches = self.shard.batches  # this rank's batches
 
     def errors(self, logits: Sequence[torch.Tensor]) -> UtteranceErrors:
-        """Per-utterance word/char edits of the transcripts decoded from ``logits``."""
+        """Per-utterance word/char edits of the transcripts decoded from ``logits`` (of ``batches``)."""
         if len(logits) != len(self.batches):
             raise ValueError(f"{len(logits)} outputs for {len(self.batches)} dev batches")
         hyps = [h for out, batch in zip(logits, self.batches) for h in decode_logits(self.sm, out, batch)]
-        return utterance_errors(self.refs, hyps)
+        fields = UtteranceErrors.__dataclass_fields__
+        if hyps:
+            local = utterance_errors([t for b in self.batches for t in b.texts], hyps)
+            counts = np.stack([getattr(local, k) for k in fields])
+        else:  # more ranks than dev batches: this one holds none
+            counts = np.zeros((len(fields), 0), dtype=np.int64)
+        return UtteranceErrors(*self.shard.per_utterance(counts))
 
     def wer(self, logits: Sequence[torch.Tensor]) -> float:
         return self.errors(logits).wer
@@ -123,6 +137,7 @@ class StateFile:
 
     def __init__(self, path: str | Path | None, fingerprint: dict, resume: bool):
         self.path = Path(path) if path else None
+        self.writer = current_ranks().main  # every rank reads it (resume), rank 0 writes it
         self.fingerprint = fingerprint
         self.data: dict = {"fingerprint": fingerprint, "float_wer": None, "stage1": {}, "stage2": {},
                            "errors": {}}
@@ -145,7 +160,7 @@ class StateFile:
                      len(old["stage1"]), len(old["stage2"]))
 
     def save(self) -> None:
-        if self.path:
+        if self.path and self.writer:
             write_json_atomic(self.path, self.data)
 
 
@@ -246,6 +261,7 @@ def begin_recipe(sm: SpeechModel, calib_batches: Sequence, dev_batches: Sequence
     s.validate()
     scorer = DevScorer(sm, dev_batches)
     state = StateFile(state_path, {**_fingerprint(sm, calib_batches, dev_batches, s), **fingerprint}, resume)
+    barrier()  # every rank has read the state file before rank 0 writes it again
     return s, scorer, state, _layer_kinds(sm), PhaseClock()
 
 
@@ -270,7 +286,8 @@ def run_stablequant(
     qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model
     cals = {n: calibrator_of(q) for n, q in acts.items()}
-    runner = PrefixRunner(model, forward_logits, dev_batches)
+    dev = scorer.batches  # this rank's share of the dev set
+    runner = PrefixRunner(model, forward_logits, dev)
     evaluations = 0
     lap("calibrate")
 
@@ -299,6 +316,7 @@ def run_stablequant(
 
         # Stage 1: each activation quantizer alone, MAX calibration
         stage1 = []
+        progress = progress and current_ranks().main
         for name in tqdm(list(acts), desc="stage 1: one layer at a time (MAX)", disable=not progress):
             layer = name.rsplit(".", 1)[0]
             amax_max = float(cals[name].compute_amax(cutoff=0.0, mse=False))
@@ -323,7 +341,7 @@ def run_stablequant(
             acts[n].amax = a
         # What is constant across cut-offs is computed once: fake-quantized weights (folded in) and
         # the quantized prefix before the first marked layer (cached by a second prefix runner).
-        stage2_runner = PrefixRunner(model, forward_logits, dev_batches)
+        stage2_runner = PrefixRunner(model, forward_logits, dev)
         first_marked = marked[0].rsplit(".", 1)[0] if marked else None
         by_candidate: dict[tuple, float] = {}
         with folded_weight_quantizers(model):
@@ -348,7 +366,7 @@ def run_stablequant(
             acts[n].amax = grids[n][k_opt]
         if "stablequant_paper" not in state.data["errors"]:  # per-utterance edits, for intervals
             with folded_weight_quantizers(model), torch.inference_mode():
-                final = scorer.errors([forward_logits(model, b) for b in dev_batches])
+                final = scorer.errors([forward_logits(model, b) for b in dev])
             state.data["errors"]["stablequant_paper"] = final.to_json()
             state.save()
         lap("stage2")

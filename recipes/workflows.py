@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from .data import make_batches, open_dataset
+from .device import batches_to, resolve_device, to_device
+from .distributed import Ranks, barrier, init_ranks, ranks_from_env
 from .models import SpeechModel, resolve_model
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,21 @@ def demo_split(split: str) -> Path:
     return Path(demo_data(split))
 
 
+def start_ranks(args):
+    """(device, ranks): resolve ``--device`` (one GPU per torchrun rank) and join the process group."""
+    device = resolve_device(getattr(args, "device", "auto"), ranks_from_env().local_rank)
+    ranks = init_ranks(device)
+    log.info("rank %d/%d on %s", ranks.rank, ranks.world, device)
+    return device, ranks
+
+
+def load_model(args, device) -> SpeechModel:
+    return to_device(resolve_model(args.model), device)
+
+
 def load_batches(path: str | None, split: str, sm: SpeechModel, args, model_name: str):
-    """Batches of a user data set, or of the shipped demo split when ``--model demo``."""
+    """Batches of a user data set, or of the shipped demo split when ``--model demo``, moved to the
+    model's device once."""
     if path is None:
         if model_name != "demo":
             raise ValueError(f"--{split} is required unless --model demo (which ships its own {split} set)")
@@ -35,21 +50,27 @@ def load_batches(path: str | None, split: str, sm: SpeechModel, args, model_name
     batches = make_batches(open_dataset(path), sm, batch_seconds=args.batch_seconds,
                            limit=args.limit, seed=args.seed, skip_bad=args.skip_bad)
     log.info("%s: %d utterances, %.1f s of audio from %s", split, batches.num_utterances, batches.seconds, path)
-    return batches
+    return batches_to(batches, next(sm.model.parameters()).device)
 
 
-def prepare_out_dir(out: str, overwrite: bool, resume: bool) -> Path:
-    """Refuse to write into an existing non-empty directory unless asked; never delete anything."""
+def prepare_out_dir(out: str, overwrite: bool, resume: bool, ranks: Ranks | None = None) -> Path:
+    """Refuse to write into an existing non-empty directory unless asked; never delete anything.
+
+    Every rank checks; rank 0 alone creates the directory / drops the old state, then all go on.
+    """
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise FileExistsError(f"output directory {out_dir} exists and is not empty: pass --overwrite "
                               "(our files are replaced, nothing else is touched) or --resume")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = out_dir / "state.json"
-    if overwrite and not resume and state.exists():
-        state.unlink()  # our own state file: a fresh run starts from scratch
+    barrier()  # nobody checks after rank 0 has changed the directory
+    if ranks is None or ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = out_dir / "state.json"
+        if overwrite and not resume and state.exists():
+            state.unlink()  # our own state file: a fresh run starts from scratch
+    barrier()
     return out_dir
 
 
@@ -59,15 +80,18 @@ def run_quantize(args) -> dict:
     from .stablequant import Settings
 
     torch.manual_seed(args.seed)
-    sm = resolve_model(args.model)
+    device, ranks = start_ranks(args)
+    sm = load_model(args, device)
     calib = load_batches(args.calib, "calib", sm, args, args.model)
     dev = load_batches(args.dev, "dev", sm, args, args.model)
-    out_dir = prepare_out_dir(args.out, args.overwrite, args.resume)
+    out_dir = prepare_out_dir(args.out, args.overwrite, args.resume, ranks)
     settings = Settings(wbits=args.wbits or args.bits, abits=args.bits, gamma=args.gamma,
                         grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
     result, meta = run_recipe(sm, calib, dev, settings, args.recipe, state_path=out_dir / "state.json",
-                              resume=args.resume, seed=args.seed)
-    meta["model"] = str(args.model)
+                              resume=args.resume, seed=args.seed, progress=ranks.main)
+    meta.update(model=str(args.model), device=str(device), ranks=ranks.world)
+    if not ranks.main:  # rank 0 writes the outputs, once
+        return result.to_json()
     md = write_quantize_outputs(out_dir, result, meta)
     print(md)
     print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, PNG plots)")
@@ -79,11 +103,12 @@ def run_compare(args) -> dict:
     from .report import write_compare_outputs
 
     torch.manual_seed(args.seed)
-    sm = resolve_model(args.model)
+    device, ranks = start_ranks(args)
+    sm = load_model(args, device)
     calib = load_batches(args.calib, "calib", sm, args, args.model)
     dev = load_batches(args.dev, "dev", sm, args, args.model)
     test = load_batches(args.test, "test", sm, args, args.model)
-    out_dir = prepare_out_dir(args.out, args.overwrite, args.resume)
+    out_dir = prepare_out_dir(args.out, args.overwrite, args.resume, ranks)
     subsets = {}
     for spec in args.subset or []:
         name, sep, path = spec.partition("=")
@@ -99,13 +124,25 @@ def run_compare(args) -> dict:
     table = compare_methods(sm, calib, dev, test, bits=args.bits, gamma=args.gamma, grid=args.grid,
                             num_bins=args.num_bins, out_dir=out_dir, resume=args.resume, subsets=subsets,
                             seed=args.seed)
-    table["model"] = str(args.model)
+    table.update(model=str(args.model), device=str(device), ranks=ranks.world)
+    if not ranks.main:
+        return table
     md = write_compare_outputs(out_dir, table)
     print(md)
     return table
 
 
-def run_eval(args) -> dict:
+def _rank0_only(command: str) -> bool:
+    """eval / export are not sharded: under torchrun only rank 0 runs them."""
+    ranks = ranks_from_env()
+    if not ranks.main:
+        log.warning("rank %d: '%s' runs on rank 0 only", ranks.rank, command)
+    return ranks.main
+
+
+def run_eval(args) -> dict | None:
+    if not _rank0_only("eval"):
+        return None
     if args.onnx:
         from .onnx_runner import run_eval_onnx
 
@@ -114,20 +151,23 @@ def run_eval(args) -> dict:
                              print_table=not args.json)
     from .evaluate import run_eval as eval_model
 
+    device = resolve_device(args.device)
     if not args.config:
         return eval_model(args.model, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
-                          skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json)
+                          skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json, device=device)
     from .qconfig import load_config, quantize_copy
 
     config = load_config(args.config)
-    sm = resolve_model(args.model)
+    sm = load_model(args, device)
     calib = load_batches(args.calib, "calib", sm, args, args.model)
     qsm = quantize_copy(sm, config, calib)
     return eval_model(qsm, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
-                      skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json)
+                      skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json, device=device)
 
 
-def run_export(args) -> dict:
+def run_export(args) -> dict | None:
+    if not _rank0_only("export"):
+        return None
     from .export import require_tensorrt, build_trt_engine, export_onnx
     from .qconfig import load_config, quantize_copy
 
@@ -137,9 +177,10 @@ def run_export(args) -> dict:
     onnx_path = Path(args.onnx)
     if onnx_path.exists() and not args.overwrite:
         raise FileExistsError(f"{onnx_path} exists: pass --overwrite to replace it")
-    if args.config:
+    if args.config:  # calibrate on --device, export from the CPU
+        to_device(sm, resolve_device(args.device))
         calib = load_batches(args.calib, "calib", sm, args, args.model)
-        sm = quantize_copy(sm, load_config(args.config), calib)
+        sm = to_device(quantize_copy(sm, load_config(args.config), calib), "cpu")
     info = export_onnx(sm, onnx_path, allow_fp32=args.allow_fp32)
     print(json.dumps(info, indent=2, default=str))
     if args.engine:
