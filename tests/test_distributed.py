@@ -140,3 +140,20 @@ def test_two_gloo_ranks_decide_exactly_as_one_process(tmp_path):
     resumed = json.loads((tmp_path / "two_paper" / "report.json").read_text())
     one = json.loads((tmp_path / "one_paper" / "report.json").read_text())
     assert resumed["evaluations"] == 0 and all(resumed[k] == one[k] for k in DECISIONS["paper"])
+
+
+# ------------------------------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_recipe_on_cuda_never_waits_for_the_modelopt_extension(monkeypatch, tmp_path):
+    """The whole paper recipe on CUDA runs without asking ModelOpt for its JIT-built extension."""
+    from modelopt.torch.quantization import tensor_quant
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ModelOpt's CUDA extension was requested (a 61-s build on a fresh machine)")
+
+    monkeypatch.setattr(tensor_quant, "get_cuda_ext", refuse)
+    out = tmp_path / "gpu"
+    assert main(["quantize", "--model", "demo", "--limit", "6", "--recipe", "paper", "--grid", "0,0.5",
+                 "--device", "cuda", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["device"].startswith("cuda") and len(report["stage1"]) > 10

@@ -42,6 +42,7 @@ def test_python_entry_point_snippet_runs_and_its_config_reapplies():
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     from recipes.api import as_batches
+    from recipes.device import batches_to
     from recipes.models import remove_weight_norm
     from recipes.qconfig import calibration_loop
 
@@ -55,7 +56,9 @@ def test_python_entry_point_snippet_runs_and_its_config_reapplies():
     from recipes.api import speech_model
 
     sm = speech_model(fresh, scope["processor"])
-    mtq.quantize(fresh, out.config, calibration_loop(as_batches(scope["pairs"]("calib", 8), sm)))
+    device = next(out.model.parameters()).device  # device="auto": CUDA where there is one
+    fresh.to(device)
+    mtq.quantize(fresh, out.config, calibration_loop(batches_to(as_batches(scope["pairs"]("calib", 8), sm), device)))
     mine = dict(out.model.named_modules())
     for name, q in fresh.named_modules():
         if isinstance(q, TensorQuantizer) and q.is_enabled:
