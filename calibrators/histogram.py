@@ -176,8 +176,10 @@ class AbsHistogram:
         if self._pending is None or self._pending[0].device != dev:
             self._settle()
             exp = math.frexp(self._range)[1] - 1 if self._range > 0 else _NO_RANGE
-            self._pending = (self._counts.to(dev), torch.tensor(exp, dtype=torch.int64, device=dev),
-                             torch.tensor(self._amax, dtype=torch.float64, device=dev))
+            # torch.full / zeros fill on the device: no host-to-device copy (which would wait)
+            counts = (self._counts.to(dev) if self.total else torch.zeros(nb, dtype=torch.int64, device=dev))
+            self._pending = (counts, torch.full((), exp, dtype=torch.int64, device=dev),
+                             torch.full((), self._amax, dtype=torch.float64, device=dev))
         counts, exp, amax = self._pending
         bins = torch.arange(nb, device=dev)
         log2_bins = nb.bit_length() - 1
@@ -186,8 +188,7 @@ class AbsHistogram:
             absx = flat[start : start + _DEVICE_BLOCK].abs()
             block_max = absx.max().double()
             amax = torch.maximum(amax, block_max)  # NaN/Inf propagate: reported when settled
-            block_exp = torch.where(block_max > 0, torch.frexp(block_max).exponent.long(),
-                                    torch.tensor(_NO_RANGE, device=dev))
+            block_exp = torch.where(block_max > 0, torch.frexp(block_max).exponent.long(), _NO_RANGE)
             new_exp = torch.maximum(exp, block_exp)
             # the range doubled (new_exp - exp) times: bin k of the old range is bin k >> shift
             shift = (new_exp - exp).clamp(0, 62)

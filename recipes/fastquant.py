@@ -36,8 +36,8 @@ def fake_quant_int(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsi
     amax = amax.float()
     max_bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
     min_bound = 0.0 if unsigned else (-max_bound if narrow_range else -max_bound - 1.0)
-    scale = torch.tensor(max_bound, device=amax.device) / amax
     if inputs.is_cuda:  # no host synchronisation per call: checks run on the device, no branches
+        scale = torch.full_like(amax, max_bound) / amax  # a fill, not a copy from the host
         torch._assert_async(amax.min() >= 0, "Negative values in amax")
         if unsigned:
             torch._assert_async(inputs.min() >= 0, "Negative values encountered in unsigned quantization.")
@@ -50,6 +50,7 @@ def fake_quant_int(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsi
         return out.to(dtype)
     if unsigned and inputs.min() < 0.0:
         raise TypeError("Negative values encountered in unsigned quantization.")
+    scale = torch.tensor(max_bound, device=amax.device) / amax
     if amax.min() < 0:
         raise ValueError("Negative values in amax")
     zero = amax < _TINY_AMAX if cuda_rules else amax <= _TINY_AMAX

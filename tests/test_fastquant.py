@@ -61,6 +61,7 @@ def test_shifted_quantizers_stay_bitwise_equal():
     mtq = pytest.importorskip("modelopt.torch.quantization")
     from modelopt.torch.quantization.nn import TensorQuantizer
 
+    import sq_plugin  # noqa: F401  (registers "stablequant": the test also passes when run alone)
     from recipes.models import random_model, remove_weight_norm
     from recipes.qconfig import calibration_loop, quant_cfg
 
