@@ -259,6 +259,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-ranks", action="store_true")
     parser.add_argument("--only-ranks", action="store_true", help="only the N ranks vs 1 measurement")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/bench_gpu_<cuda|cpu>.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -293,7 +294,7 @@ def main() -> None:
             row["ranks"] = ranks_vs_one(shape, args, device)
         result["shapes"][shape] = row
         print_table(shape, result["device"], args.dev, row)
-    out = ROOT / "benchmarks" / "results" / f"bench_gpu_{'cuda' if cuda else 'cpu'}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_gpu_{'cuda' if cuda else 'cpu'}.json"
     write_json_atomic(out, result)
     print(f"wrote {out}")
 
