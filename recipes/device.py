@@ -62,7 +62,18 @@ def batches_to(batches, device):
     return moved
 
 
+def model_device(model):
+    """Where a model's parameters live (the CPU for one without parameters, e.g. ONNX Runtime)."""
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
 def to_device(sm, device):
     """The speech model moved to ``device`` in place (returned for chaining)."""
-    sm.model.to(device)
+    if hasattr(sm.model, "to"):
+        sm.model.to(device)
     return sm

@@ -55,7 +55,7 @@ def run_eval(model: str | Path | SpeechModel = "demo", data: str | Path | None =
     `model` may also be a ready SpeechModel (e.g. a quantized copy of the demo model). ``device``
     (``auto|cpu|cuda[:N]`` or a torch.device): where to run; default: where the model is.
     """
-    from recipes.device import batches_to, resolve_device, to_device
+    from recipes.device import batches_to, model_device, resolve_device, to_device
 
     sm = model if isinstance(model, SpeechModel) else resolve_model(model)
     if device is not None:
@@ -63,7 +63,7 @@ def run_eval(model: str | Path | SpeechModel = "demo", data: str | Path | None =
     utts, data_label = load_eval_data(model, data)
     batches = make_batches(utts, sm, batch_seconds=batch_seconds, limit=limit, seed=seed,
                            skip_bad=skip_bad)
-    batches = batches_to(batches, next(sm.model.parameters()).device)
+    batches = batches_to(batches, model_device(sm.model))
     start = time.perf_counter()
     result = evaluate(sm, batches, progress=progress)
     elapsed = time.perf_counter() - start

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import make_batches, open_dataset
-from .device import batches_to, resolve_device, to_device
+from .device import batches_to, model_device, resolve_device, to_device
 from .distributed import Ranks, barrier, init_ranks, ranks_from_env
 from .models import SpeechModel, resolve_model
 
@@ -50,7 +50,7 @@ def load_batches(path: str | None, split: str, sm: SpeechModel, args, model_name
     batches = make_batches(open_dataset(path), sm, batch_seconds=args.batch_seconds,
                            limit=args.limit, seed=args.seed, skip_bad=args.skip_bad)
     log.info("%s: %d utterances, %.1f s of audio from %s", split, batches.num_utterances, batches.seconds, path)
-    return batches_to(batches, next(sm.model.parameters()).device)
+    return batches_to(batches, model_device(sm.model))
 
 
 def prepare_out_dir(out: str, overwrite: bool, resume: bool, ranks: Ranks | None = None) -> Path:
