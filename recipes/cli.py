@@ -141,12 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=None, help="modelopt_config.json written by 'stablequant quantize'")
     e.add_argument("--calib", default=None, help="calibration data for --config (default: the demo set)")
     e.add_argument("--onnx", default=None, help="evaluate an exported ONNX model with ONNX Runtime")
+    e.add_argument("--quantized", default=None, metavar="MODEL_PTH",
+                   help="evaluate the quantized model 'stablequant quantize' saved (OUT/model.pth) as it is")
     e.add_argument("--json", action="store_true",
                    help="print one JSON object (metrics and per-utterance transcripts) instead of the table")
 
     x = sub.add_parser("export", help="Q/DQ ONNX export (and TensorRT engine where available)", **fmt)
     _add_common(x, ("calib",))
     x.add_argument("--config", default=None, help="modelopt_config.json (from 'stablequant quantize')")
+    x.add_argument("--quantized", default=None, metavar="MODEL_PTH",
+                   help="export the quantized model 'stablequant quantize' saved (OUT/model.pth) as it is")
     x.add_argument("--onnx", required=True, help="output .onnx path")
     x.add_argument("--engine", default=None, help="also build a TensorRT engine (needs tensorrt + a GPU)")
     x.add_argument("--allow-fp32", action="store_true", help="allow exporting an unquantized model")

@@ -6,9 +6,11 @@ on a fresh copy of the model (with ``import sq_plugin`` first, which registers "
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -79,6 +81,11 @@ def calibration_loop(batches: Sequence):
     return forward_loop
 
 
+def modelopt_prints_to_stderr():
+    """ModelOpt prints progress ("Inserted N quantizers") to stdout; `--json` output must stay JSON."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def quantize_copy(sm: SpeechModel, config: dict, calib_batches: Sequence) -> SpeechModel:
     """A quantized deep copy of ``sm`` (the original stays float)."""
     import modelopt.torch.quantization as mtq
@@ -90,7 +97,8 @@ def quantize_copy(sm: SpeechModel, config: dict, calib_batches: Sequence) -> Spe
     # weight norm is removed in place first (outputs unchanged): parametrized modules cannot be
     # deep-copied, and ModelOpt cannot wrap them
     model = copy.deepcopy(remove_weight_norm(sm.model)).eval()
-    mtq.quantize(model, copy.deepcopy(config), calibration_loop(calib_batches))
+    with modelopt_prints_to_stderr():
+        mtq.quantize(model, copy.deepcopy(config), calibration_loop(calib_batches))
     check_config_matches(model, config)
     return SpeechModel(**{**sm.__dict__, "model": model})
 
@@ -124,3 +132,29 @@ def load_config(path: str | Path) -> dict:
     if not isinstance(config, dict) or "quant_cfg" not in config:
         raise ValueError(f"{path}: expected a ModelOpt config with a 'quant_cfg' key")
     return config
+
+
+def load_quantized(sm: SpeechModel, path: str | Path) -> SpeechModel:
+    """``sm`` with the quantized model ``stablequant quantize`` saved as ``model.pth`` (``mto.save``).
+
+    Read with ``torch.load(weights_only=True)``: tensors and plain containers only, never pickled
+    code. The file must come from the same architecture as ``sm`` (the error says so otherwise).
+    """
+    import pickle
+
+    import modelopt.torch.opt as mto
+
+    import sq_plugin  # noqa: F401  (quantizers with our calibrators restore only once it is registered)
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"quantized model not found: {path}")
+    model = copy.deepcopy(remove_weight_norm(sm.model)).eval()
+    try:
+        with modelopt_prints_to_stderr():
+            restored = mto.restore(model, path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a quantized model saved by 'stablequant quantize' for this --model "
+                         f"({type(e).__name__}: {first[:200]})") from None
+    return SpeechModel(**{**sm.__dict__, "model": restored.eval()})

@@ -140,9 +140,17 @@ def _rank0_only(command: str) -> bool:
     return ranks.main
 
 
+def _one_source(args, *options: str) -> None:
+    """At most one of the given options: they are different ways to get the model to run."""
+    given = [o for o in options if getattr(args, o.lstrip("-").replace("-", "_"), None)]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are alternatives: give one")
+
+
 def run_eval(args) -> dict | None:
     if not _rank0_only("eval"):
         return None
+    _one_source(args, "--config", "--quantized", "--onnx")
     if args.onnx:
         from .onnx_runner import run_eval_onnx
 
@@ -152,6 +160,12 @@ def run_eval(args) -> dict | None:
     from .evaluate import run_eval as eval_model
 
     device = resolve_device(args.device)
+    if args.quantized:
+        from .qconfig import load_quantized
+
+        qsm = to_device(load_quantized(resolve_model(args.model), args.quantized), device)
+        return eval_model(qsm, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
+                          skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json, device=device)
     if not args.config:
         return eval_model(args.model, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
                           skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json, device=device)
@@ -177,7 +191,12 @@ def run_export(args) -> dict | None:
     onnx_path = Path(args.onnx)
     if onnx_path.exists() and not args.overwrite:
         raise FileExistsError(f"{onnx_path} exists: pass --overwrite to replace it")
-    if args.config:  # calibrate on --device, export from the CPU
+    _one_source(args, "--config", "--quantized")
+    if args.quantized:
+        from .qconfig import load_quantized
+
+        sm = load_quantized(sm, args.quantized)
+    elif args.config:  # calibrate on --device, export from the CPU
         to_device(sm, resolve_device(args.device))
         calib = load_batches(args.calib, "calib", sm, args, args.model)
         sm = to_device(quantize_copy(sm, load_config(args.config), calib), "cpu")

@@ -209,3 +209,36 @@ def test_corrupt_onnx_file_is_one_line(tmp_path, capsys):
     assert main(["eval", "--onnx", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.onnx: not a readable ONNX model" in err and len(err.splitlines()) == 1
+
+
+def test_saved_quantized_model_evaluates_and_exports_as_it_is(workspace, capsys):
+    """OUT/model.pth: `eval --quantized` gives the report's own dev WER (no re-calibration), and
+    `export --quantized` writes an ONNX that ONNX Runtime scores the same; bad files are one line."""
+    pytest.importorskip("modelopt")
+    out = workspace / "saved"
+    assert main(_quantize_args(workspace, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    capsys.readouterr()
+    common = ["--model", str(workspace / "model"), "--data", str(workspace / "set.tsv"), "--json"]
+    assert main(["eval", *common, "--quantized", str(out / "model.pth")]) == 0
+    saved = json.loads(capsys.readouterr().out)  # stdout is the JSON alone (ModelOpt's prints go to stderr)
+    assert saved["wer"] == pytest.approx(report["final_wer"])  # dev set == this set in the fixture
+    onnx_path = workspace / "saved.onnx"
+    assert main(["export", "--model", str(workspace / "model"), "--quantized", str(out / "model.pth"),
+                 "--onnx", str(onnx_path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", *common, "--onnx", str(onnx_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["hyps"] == saved["hyps"]
+
+    garbage = workspace / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for path, message in ((garbage, "garbage.pth"), (workspace / "missing.pth", "missing.pth")):
+        assert main(["eval", *common, "--quantized", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", *common, "--quantized", str(out / "model.pth"), "--config",
+                 str(out / "modelopt_config.json")]) == 2
+    assert "alternatives" in capsys.readouterr().err
+    assert main(["eval", *common, "--calib", str(workspace / "set.tsv"), "--config",
+                 str(out / "modelopt_config.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["wer"] == saved["wer"]  # re-calibrated: the same model
