@@ -229,6 +229,24 @@ def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
+def graph_index(graph: onnx.GraphProto) -> tuple[dict, dict, dict]:
+    """(constant values, producer node by output name, consumer nodes by input name)."""
+    producers = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for inp in n.input:
+            consumers.setdefault(inp, []).append(n)
+    return constant_values(graph), producers, consumers
+
+
+def replace_nodes(graph: onnx.GraphProto, dead: set[int], new_inits: list) -> None:
+    """Drop the nodes whose id() is in ``dead`` and add the new initialisers."""
+    kept = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(new_inits)
+
+
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -257,12 +275,7 @@ def fold_weight_quantizers(model_proto: onnx.ModelProto) -> int:
     Returns how many weights were folded.
     """
     graph = model_proto.graph
-    consts = constant_values(graph)
-    producers = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for inp in n.input:
-            consumers.setdefault(inp, []).append(n)
+    consts, producers, consumers = graph_index(graph)
 
     dead, new_inits, folded = set(), [], 0
     for node in graph.node:
@@ -285,10 +298,7 @@ def fold_weight_quantizers(model_proto: onnx.ModelProto) -> int:
         dead.update(id(n) for n in [node, *clip_nodes])
         folded += 1
 
-    kept = [n for n in graph.node if id(n) not in dead]
-    del graph.node[:]
-    graph.node.extend(kept)
-    graph.initializer.extend(new_inits)
+    replace_nodes(graph, dead, new_inits)
     prune_unused(graph)
     return folded
 
@@ -405,12 +415,7 @@ def fold_input_shifts(model_proto: onnx.ModelProto) -> int:
     Returns how many shifts were folded.
     """
     graph = model_proto.graph
-    consts = constant_values(graph)
-    producers = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for inp in n.input:
-            consumers.setdefault(inp, []).append(n)
+    consts, producers, consumers = graph_index(graph)
     dead, new_inits, folded = set(), [], 0
     for add in list(graph.node):
         if add.op_type != "Add" or len(add.input) != 2:
@@ -451,10 +456,7 @@ def fold_input_shifts(model_proto: onnx.ModelProto) -> int:
                 node.input.append(name)
         dead.add(id(add))
         folded += 1
-    kept = [n for n in graph.node if id(n) not in dead]
-    del graph.node[:]
-    graph.node.extend(kept)
-    graph.initializer.extend(new_inits)
+    replace_nodes(graph, dead, new_inits)
     prune_unused(graph)
     return folded
 
