@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper: Algorithms 1 and 2 exactly as published")
     q.add_argument("--bits", type=BITS, default=8, help="bits for weights and activations")
     q.add_argument("--wbits", type=BITS, default=None, help="weight bits (default: --bits)")
+    q.add_argument("--budget-bits", type=_number(float, 4.0, 16.0), default=None, metavar="B",
+                   help="mixed precision: one format per layer (float, W8A8, W6A6, W4A8, W4A16) with at most B "
+                        "average bits per Linear/Conv weight (float counts 16), chosen from dev sensitivities; "
+                        "without it every layer gets --bits")
     q.add_argument("--gamma", type=GAMMA, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
     q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
     q.add_argument("--num-bins", type=NUM_BINS, default=2048, help="histogram bins per activation quantizer")

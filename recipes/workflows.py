@@ -18,7 +18,8 @@ from .models import SpeechModel, resolve_model
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("report.json", "report.md", "modelopt_config.json", "model.pth", "state.json",
+OUTPUT_FILES = ("report.json", "report.md", "modelopt_config.json", "model.pth", "state.json", "state_w8a8.json",
+                "pareto.png",
                 "activation_ranges.png", "wer_vs_cutoff.png", "compare.json", "compare.md")
 
 
@@ -67,9 +68,9 @@ def prepare_out_dir(out: str, overwrite: bool, resume: bool, ranks: Ranks | None
     barrier()  # nobody checks after rank 0 has changed the directory
     if ranks is None or ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = out_dir / "state.json"
-        if overwrite and not resume and state.exists():
-            state.unlink()  # our own state file: a fresh run starts from scratch
+        for state in (out_dir / "state.json", out_dir / "state_w8a8.json"):
+            if overwrite and not resume and state.exists():
+                state.unlink()  # our own state files: a fresh run starts from scratch
     barrier()
     return out_dir
 
@@ -87,6 +88,20 @@ def run_quantize(args) -> dict:
     out_dir = prepare_out_dir(args.out, args.overwrite, args.resume, ranks)
     settings = Settings(wbits=args.wbits or args.bits, abits=args.bits, gamma=args.gamma,
                         grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
+    if getattr(args, "budget_bits", None) is not None:
+        from .mixed import run_mixed_recipe
+        from .mixed_report import write_mixed_outputs
+
+        if args.recipe != "default":
+            raise ValueError("--budget-bits calibrates activations with the default recipe; drop --recipe paper")
+        if ranks.world > 1:
+            raise ValueError("--budget-bits runs in one process; launch it without torchrun")
+        result, meta = run_mixed_recipe(sm, calib, dev, args.budget_bits, settings, state_path=out_dir / "state.json",
+                                        resume=args.resume, seed=args.seed)
+        meta.update(model=str(args.model), device=str(device))
+        print(write_mixed_outputs(out_dir, result, meta))
+        print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, pareto.png)")
+        return result.to_json()
     result, meta = run_recipe(sm, calib, dev, settings, args.recipe, state_path=out_dir / "state.json",
                               resume=args.resume, seed=args.seed, progress=ranks.main)
     meta.update(model=str(args.model), device=str(device), ranks=ranks.world)

@@ -1,0 +1,457 @@
+"""Mixed precision under a size budget: one format per layer, chosen from dev sensitivities.
+
+Uniform bit widths waste bits where they are cheap and starve the layers that need them (on the
+demo the CNN front end carries almost the whole W6A6 loss). ``stablequant quantize --budget-bits B``:
+
+1. **Activations** are calibrated by the default recipe at W8A8 (:func:`recipes.layerwise.run_layerwise`):
+   its histograms (collected once) and its chosen calibrator per activation quantizer give every
+   activation scale of the menu (the same calibrator re-run on the same histogram at 6 bits for
+   A6). Weights get per-channel MSE-optimal scales at each width.
+2. **Sensitivity**: each layer alone at each format of the menu, every other layer float; the
+   score is the dev KL of the output distribution to fp32 (the default recipe's score). The float
+   prefix of each layer is served from cache (:class:`recipes.reuse.PrefixRunner`), so one score
+   costs one suffix forward. Finished scores go to the state file (``--resume``).
+3. **Exact allocation**: minimise the summed scores subject to the average weight bits
+   (Σ bits·weights / Σ weights over every Linear/Conv weight, float counted as 16) ≤ B — a
+   multiple-choice knapsack solved as an integer program with ``pulp`` (CBC).
+4. **Verification** on dev with every layer as allocated; when the measured KL misses the
+   additive prediction by more than ``tolerance``, a greedy repair fixes the layer with the
+   largest predicted gain one format up, re-solves the rest under the same budget, and keeps
+   the change only if the measured KL falls.
+
+The output is a plain ModelOpt config with one entry per quantizer (bits, axis, enable) and the
+"stablequant" algorithm's ``layer_calibrators`` / ``weight_calibrator``; a fresh
+``mtq.quantize`` re-applies it. FP8 is not in the menu: this CPU machine has no FP8 kernels in
+ModelOpt, and no GPU was available to validate it (``fp8_note``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .asr import forward_logits
+from .fastquant import fake_quant_int, fast_fake_quant
+from .layerwise import CANDIDATES, LogitDivergence, run_layerwise, spec_entry, spec_label
+from .models import SpeechModel, layer_inventory
+from .reuse import PrefixRunner
+from .stablequant import Settings, begin_recipe, result_json
+
+log = logging.getLogger(__name__)
+
+FLOAT_BITS = 16  # a float layer counts 16 bits per weight (fp16/bf16 deployment)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One entry of the per-layer menu: weight bits and activation bits (None: float)."""
+
+    name: str
+    wbits: int | None
+    abits: int | None
+
+    @property
+    def bits(self) -> int:
+        return self.wbits or FLOAT_BITS
+
+
+MENU = {f.name: f for f in (
+    Format("float", None, None),
+    Format("W8A8", 8, 8),
+    Format("W6A6", 6, 6),
+    Format("W4A8", 4, 8),
+    Format("W4A16", 4, None),
+)}
+UNIFORM_POINTS = ("W8A8", "W6A6", "W4A8")  # uniform references on the Pareto plot
+
+
+def fp8_note() -> str:
+    """Why FP8 W8A8 is not in the menu on this device."""
+    if not torch.cuda.is_available():
+        return "FP8 skipped: no CUDA device (ModelOpt's FP8 fake quant needs an Ada/Hopper GPU)"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        return f"FP8 skipped: GPU compute capability {major}.{minor} < 8.9"
+    return "FP8 not offered: not implemented in this menu yet"
+
+
+# ----------------------------------------------------------------------------- allocation (pure)
+
+
+def average_bits(sizes: Sequence[int], bits: Sequence[float]) -> float:
+    """Σ bits·weights / Σ weights."""
+    total = sum(sizes)
+    return sum(n * b for n, b in zip(sizes, bits)) / total
+
+
+def allocate(scores: Sequence[dict[str, float]], sizes: Sequence[int], bits: dict[str, float],
+             budget_bits: float, fixed: dict[int, str] | None = None) -> list[str]:
+    """The format per layer minimising Σ scores[l][f] with average weight bits ≤ ``budget_bits``.
+
+    ``scores[l]`` maps the formats allowed for layer l to its (additive) cost, ``sizes[l]`` is its
+    weight count, ``bits[f]`` the bits per weight of format f; ``fixed`` pins layers to a
+    format. An exact integer program (pulp/CBC, integer budget arithmetic). Raises ValueError
+    when no assignment fits the budget.
+    """
+    import pulp
+
+    fixed = dict(fixed or {})
+    if len(scores) != len(sizes):
+        raise ValueError(f"{len(scores)} score rows for {len(sizes)} layers")
+    total = sum(sizes)
+    # integer coefficients: bits in units of 1/den so fractional bit widths stay exact
+    den = 1
+    while any(abs(b * den - round(b * den)) > 1e-9 for b in bits.values()) and den < 10**6:
+        den *= 10
+    capacity = int(budget_bits * den * total + 1e-6)
+    lowest = sum(n * min(round(bits[f] * den) for f in (scores[l] if l not in fixed else [fixed[l]]))
+                 for l, n in enumerate(sizes))
+    if lowest > capacity:
+        raise ValueError(f"budget {budget_bits} bits per weight is below the smallest the menu allows "
+                         f"({lowest / den / total:.3f})")
+    prob = pulp.LpProblem("mixed_precision", pulp.LpMinimize)
+    x = {(l, f): prob.add_variable(f"x_{l}_{k}", cat="Binary")
+         for l, row in enumerate(scores) for k, f in enumerate(row)}
+    prob += pulp.lpSum(scores[l][f] * v for (l, f), v in x.items())
+    for l, row in enumerate(scores):
+        prob += pulp.lpSum(x[l, f] for f in row) == 1
+        if l in fixed:
+            prob += x[l, fixed[l]] == 1
+    prob += pulp.lpSum(sizes[l] * round(bits[f] * den) * v for (l, f), v in x.items()) <= capacity
+    with warnings.catch_warnings():
+        # PuLP 3.3 deprecates its bundled CBC for PuLP 4's `pulp[cbc]` + COIN_CMD; ModelOpt 0.47
+        # pins plain pulp, so the bundled one is what exists. Remove when pulp >= 4 is required.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    if pulp.LpStatus[status] != "Optimal":
+        raise ValueError(f"no per-layer allocation fits {budget_bits} bits per weight ({pulp.LpStatus[status]})")
+    choice = [max(row, key=lambda f: x[l, f].value()) for l, row in enumerate(scores)]
+    used = sum(sizes[l] * round(bits[f] * den) for l, f in enumerate(choice))
+    if used > capacity:  # the solver's tolerance must never buy bits beyond the budget
+        raise ValueError(f"allocation uses {used / den / total:.4f} > {budget_bits} bits per weight")
+    return choice
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+@dataclass
+class LayerFormat:
+    layer: str
+    kind: str
+    weights: int
+    format: str
+    wbits: int | None
+    abits: int | None
+    predicted_kl: float  # this layer's score at its format (others float)
+
+
+@dataclass
+class MixedResult:
+    recipe: str
+    settings: dict
+    budget_bits: float
+    avg_weight_bits: float
+    compression_vs_fp32: float
+    menu: list[str]
+    fp8: str
+    float_wer: float
+    sensitivity: dict[str, dict[str, float]]  # layer -> format -> dev KL (that layer alone)
+    choices: list[LayerFormat]
+    predicted_kl: float
+    final_kl: float
+    final_wer: float
+    repairs: list[dict]
+    pareto: list[dict]  # {"budget", "avg_bits", "predicted_kl", "kl", "wer"} of allocations
+    uniform: dict[str, dict]  # format -> {"avg_bits", "kl", "wer"} with every layer at it
+    base: dict  # the default recipe's W8A8 run: dev KL / WER, weights, calibrators
+    config: dict
+    evaluations: int
+    seconds: dict[str, float]
+    dev_errors: dict[str, dict] = field(default_factory=dict)
+    model: SpeechModel | None = None
+    histograms: dict | None = None
+
+    def to_json(self) -> dict:
+        return result_json(self)
+
+
+class FormatSetter:
+    """Put each layer of a quantized model at a menu format (weights folded, or as quantizers)."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[str], act_amax, weight_amax):
+        modules = dict(model.named_modules())
+        self.modules = {l: modules[l] for l in layers}
+        self.original = {l: m.weight.data for l, m in self.modules.items()}
+        self.act_amax, self.weight_amax = act_amax, weight_amax  # callables (layer, bits) -> amax
+        self._folded: dict[tuple[str, int], torch.Tensor] = {}
+
+    def folded_weight(self, layer: str, bits: int) -> torch.Tensor:
+        key = (layer, bits)
+        if key not in self._folded:
+            from sq_plugin.modelopt_glue import _amax_shape
+
+            q, w = self.modules[layer].weight_quantizer, self.original[layer]
+            amax = self.weight_amax(layer, bits).reshape(_amax_shape(q, w))
+            self._folded[key] = fake_quant_int(w, amax, bits, False, q._narrow_range)
+        return self._folded[key]
+
+    def _activation(self, layer: str, fmt: Format) -> None:
+        q = self.modules[layer].input_quantizer
+        if fmt.abits is None:
+            q.disable()
+        else:
+            q.num_bits = fmt.abits
+            q.amax = self.act_amax(layer, fmt.abits)
+            q.enable()
+
+    def fold(self, assign: dict[str, Format]) -> None:
+        """Search form: weights replaced by their fake-quant values, weight quantizers off."""
+        for layer, m in self.modules.items():
+            fmt = assign.get(layer, MENU["float"])
+            m.weight_quantizer.disable()
+            m.weight.data = self.original[layer] if fmt.wbits is None else self.folded_weight(layer, fmt.wbits)
+            self._activation(layer, fmt)
+
+    def as_quantizers(self, assign: dict[str, Format]) -> None:
+        """Final form: float weights, each weight quantizer at its bits and amax (saveable)."""
+        for layer, m in self.modules.items():
+            fmt = assign.get(layer, MENU["float"])
+            m.weight.data = self.original[layer]
+            wq = m.weight_quantizer
+            if fmt.wbits is None:
+                wq.disable()
+            else:
+                wq.num_bits = fmt.wbits
+                wq.amax = self.weight_amax(layer, fmt.wbits)
+                wq.enable()
+            self._activation(layer, fmt)
+
+
+def mixed_config(s: Settings, assign: dict[str, Format], layer_calibrators: dict[str, dict],
+                 weight_calibrator: str) -> dict:
+    """Plain ModelOpt config: every quantizer named exactly, with its bits (or disabled)."""
+    quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for layer, fmt in assign.items():
+        if fmt.wbits is not None:
+            quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer",
+                              "cfg": {"num_bits": fmt.wbits, "axis": 0}})
+        if fmt.abits is not None:
+            quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer",
+                              "cfg": {"num_bits": fmt.abits, "axis": None}})
+    enabled = {f"{l}.input_quantizer" for l, f in assign.items() if f.abits is not None}
+    return {"quant_cfg": quant_cfg, "algorithm": {
+        "method": "stablequant", "cutoff": 0.0, "clip_layers": [], "num_bins": int(s.num_bins),
+        "layer_calibrators": {n: e for n, e in layer_calibrators.items() if n in enabled},
+        "weight_calibrator": weight_calibrator}}
+
+
+def run_mixed(
+    sm: SpeechModel,
+    calib_batches: Sequence,
+    dev_batches: Sequence,
+    budget_bits: float,
+    settings: Settings | None = None,
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    menu: Sequence[str] = tuple(MENU),
+    tolerance: float = 0.25,
+    max_repairs: int = 3,
+    pareto_budgets: Sequence[float] = (4.0, 4.5, 5.0, 5.5, 6.0, 6.4, 7.0, 8.0, 10.0),
+) -> MixedResult:
+    """Mixed precision of ``sm`` under ``budget_bits`` average bits per weight (see module doc)."""
+    from calibrators import per_channel_mse_amax
+    from sq_plugin import calibrator_class
+
+    unknown = [m for m in menu if m not in MENU]
+    if unknown or "float" not in menu:
+        raise ValueError(f"menu must include 'float' and only formats of {list(MENU)}; got {list(menu)}")
+    formats = {m: MENU[m] for m in menu}
+    base_settings = Settings(**{**asdict(settings or Settings()), "wbits": 8, "abits": 8})
+    base_state = Path(state_path).with_name("state_w8a8.json") if state_path else None
+    started = time.perf_counter()
+    base = run_layerwise(sm, calib_batches, dev_batches, base_settings, state_path=base_state, resume=resume,
+                         progress=progress)
+    s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, base_settings, state_path,
+                                                  resume, recipe="mixed", menu=list(menu))
+    state.data.setdefault("sensitivity", {})
+    lap = clock.lap
+    clock.seconds["default recipe W8A8"] = round(time.perf_counter() - started, 3)
+    qsm = base.model
+    model = qsm.model
+    layers = [i.path for i in layer_inventory(model)]
+    modules = dict(model.named_modules())
+    missing = [l for l in layers if not hasattr(modules[l], "weight_quantizer")
+               or not hasattr(modules[l], "input_quantizer")]
+    if missing:
+        raise ValueError(f"layers without ModelOpt quantizers (not converted): {missing}")
+    sizes = [modules[l].weight.numel() for l in layers]
+
+    specs = {spec_label(name, kw): (name, kw) for name, kw in CANDIDATES}
+    chosen_spec = {c.layer: specs[c.chosen] for c in base.layers}
+    act_cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def act_amax(layer: str, bits: int) -> torch.Tensor:
+        if (layer, bits) not in act_cache:
+            q = modules[layer].input_quantizer
+            name, kw = chosen_spec[layer]
+            a = calibrator_class(name)(num_bits=bits, unsigned=q._unsigned, num_bins=s.num_bins,
+                                       **kw).search(q._calibrator.histogram)
+            act_cache[layer, bits] = torch.as_tensor(float(a))
+        return act_cache[layer, bits]
+
+    weight_max = {l: modules[l].weight_quantizer.amax.clone() for l in layers}
+    w_cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def weight_amax(layer: str, bits: int) -> torch.Tensor:
+        if (layer, bits) not in w_cache:
+            m = modules[layer]
+            from sq_plugin.modelopt_glue import _amax_shape
+
+            shape = _amax_shape(m.weight_quantizer, m.weight)
+            w_cache[layer, bits] = per_channel_mse_amax(setter.original[layer], weight_max[layer].reshape(shape),
+                                                        bits, False).reshape(weight_max[layer].shape)
+        return w_cache[layer, bits]
+
+    # weight amax from the recipe's weights: it may have set MSE amax at 8 bits; recover the max
+    for l in layers:
+        weight_max[l] = modules[l].weight.detach().abs().amax(
+            dim=tuple(range(1, modules[l].weight.dim())), keepdim=True).reshape(weight_max[l].shape)
+    setter = FormatSetter(model, layers, act_amax, weight_amax)
+    evaluations = 0
+
+    with fast_fake_quant(model), torch.inference_mode():
+        setter.fold({})
+        ref = [forward_logits(model, b) for b in dev_batches]
+        divergence = LogitDivergence(ref)
+        errors = {"fp32": scorer.errors(ref)}
+        float_wer = errors["fp32"].wer
+
+        runner = PrefixRunner(model, forward_logits, dev_batches)
+        sens = state.data["sensitivity"]
+        todo = [(l, f) for l in layers for f in formats if f != "float"]
+        for l, f in tqdm(todo, desc="per-layer sensitivity (layer x format)", disable=not progress):
+            done = sens.setdefault(l, {"float": 0.0})
+            if f not in done:
+                setter.fold({l: formats[f]})
+                evaluations += 1
+                done[f] = divergence(runner.run(l))
+                state.save()
+        runner.clear()
+        sensitivity = {l: {f: sens[l][f] for f in formats} for l in layers}
+        lap("sensitivity")
+
+        bits = {f: formats[f].bits for f in formats}
+        rows = [sensitivity[l] for l in layers]
+
+        def measure(assign: dict[str, Format]) -> tuple[float, object]:
+            nonlocal evaluations
+            evaluations += 1
+            setter.fold(assign)
+            logits = [forward_logits(model, b) for b in dev_batches]
+            return divergence(logits), scorer.errors(logits)
+
+        def solve(budget: float, fixed=None) -> dict[str, Format]:
+            return {l: formats[f] for l, f in zip(layers, allocate(rows, sizes, bits, budget, fixed))}
+
+        def predicted(assign) -> float:
+            return sum(sensitivity[l][assign[l].name] for l in layers)
+
+        uniform = {}
+        for name in UNIFORM_POINTS:
+            if name in formats:
+                kl, err = measure({l: formats[name] for l in layers})
+                uniform[name] = {"avg_bits": float(formats[name].bits), "kl": kl, "wer": err.wer}
+                errors[f"uniform_{name}"] = err
+        pareto = []
+        for b in tqdm(sorted(set(pareto_budgets) - {budget_bits}), desc="Pareto budgets", disable=not progress):
+            try:
+                assign = solve(b)
+            except ValueError:
+                continue
+            kl, err = measure(assign)
+            pareto.append({"budget": b, "avg_bits": average_bits(sizes, [assign[l].bits for l in layers]),
+                           "predicted_kl": predicted(assign), "kl": kl, "wer": err.wer})
+        lap("pareto")
+
+        assign = solve(budget_bits)
+        pred = predicted(assign)
+        kl, err = measure(assign)
+        repairs: list[dict] = []
+        fixed: dict[int, str] = {}
+        order = list(formats)  # menu order: float first, then descending precision
+        while kl > pred * (1 + tolerance) and len(repairs) < max_repairs:
+            # the layer whose next better format has the largest predicted gain
+            gains = []
+            for i, l in enumerate(layers):
+                if i in fixed:
+                    continue
+                better = [f for f in order if formats[f].bits > assign[l].bits]
+                if better:
+                    f = min(better, key=lambda g: sensitivity[l][g])
+                    gains.append((sensitivity[l][assign[l].name] - sensitivity[l][f], i, f))
+            if not gains:
+                break
+            gain, i, f = max(gains)
+            try:
+                trial = solve(budget_bits, {**fixed, i: f})
+            except ValueError:
+                break
+            trial_kl, trial_err = measure(trial)
+            step = {"layer": layers[i], "to": f, "predicted_gain": gain, "kl_before": kl, "kl_after": trial_kl,
+                    "kept": trial_kl < kl}
+            repairs.append(step)
+            fixed[i] = f
+            if trial_kl < kl:
+                assign, kl, err, pred = trial, trial_kl, trial_err, predicted(trial)
+        errors["mixed"] = err
+        lap("allocate + verify")
+        avg = average_bits(sizes, [assign[l].bits for l in layers])
+        pareto.append({"budget": budget_bits, "avg_bits": avg, "predicted_kl": pred, "kl": kl, "wer": err.wer})
+        pareto.sort(key=lambda p: p["budget"])
+        setter.as_quantizers(assign)
+
+    layer_cal = {c.quantizer: spec_entry(*chosen_spec[c.layer]) for c in base.layers}
+    config = mixed_config(s, assign, layer_cal, "mse")
+    choices = [LayerFormat(l, kinds.get(l, "other"), n, assign[l].name, assign[l].wbits, assign[l].abits,
+                           sensitivity[l][assign[l].name]) for l, n in zip(layers, sizes)]
+    dev_errors = {k: v.to_json() for k, v in errors.items()}
+    return MixedResult(
+        recipe="mixed", settings=asdict(s), budget_bits=float(budget_bits), avg_weight_bits=avg,
+        compression_vs_fp32=32.0 / avg, menu=list(menu), fp8=fp8_note(), float_wer=float_wer,
+        sensitivity=sensitivity, choices=choices, predicted_kl=pred, final_kl=kl, final_wer=err.wer,
+        repairs=repairs, pareto=pareto, uniform=uniform,
+        base={"final_kl": base.final_kl, "final_wer": base.final_wer, "weight_calibrator": base.weight_calibrator,
+              "layer_calibrators": {c.quantizer: c.chosen for c in base.layers}, "seconds": base.seconds},
+        config=config, evaluations=evaluations + base.evaluations, seconds=clock.seconds, dev_errors=dev_errors,
+        model=qsm, histograms=base.histograms,
+    )
+
+
+def run_mixed_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, budget_bits: float,
+                     settings: Settings | None = None, state_path: str | Path | None = None, resume: bool = False,
+                     seed: int = 0, progress: bool = True) -> tuple[MixedResult, dict]:
+    """:func:`run_mixed` plus the report meta: dev WERs with paired-bootstrap intervals vs fp32."""
+    from .asr import UtteranceErrors
+    from .compare import intervals
+
+    start = time.perf_counter()
+    result = run_mixed(sm, calib, dev, budget_bits, settings, state_path=state_path, resume=resume,
+                       progress=progress)
+    elapsed = time.perf_counter() - start
+    errors = {k: UtteranceErrors.from_json(v) for k, v in result.dev_errors.items()}
+    meta = {"model": sm.source or sm.name, "arch": sm.arch, "recipe": "mixed", "budget_bits": budget_bits,
+            "calib_utterances": sum(len(b.ids) for b in calib), "dev_utterances": sum(len(b.ids) for b in dev),
+            "seconds": round(elapsed, 1),
+            "dev": {k: {"wer": e.wer, "cer": e.cer, "words": int(e.words.sum()),
+                        "word_errors": int(e.word_edits.sum())} for k, e in errors.items()},
+            "dev_intervals": intervals(errors, "fp32", [k for k in errors if k not in ("fp32", "mixed")], seed=seed)}
+    return result, meta

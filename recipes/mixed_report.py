@@ -1,0 +1,100 @@
+"""report.json / report.md / pareto.png of a mixed-precision run (``quantize --budget-bits``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .atomic import atomic_output, write_json_atomic, write_text_atomic
+from .report import REAPPLY, _save_figure, ci_text, markdown_table, short_layer
+
+
+def mixed_markdown(result, meta: dict) -> str:
+    dev, ci = meta["dev"], meta["dev_intervals"]
+    names = {"fp32": "fp32", "default_w8a8": "default recipe W8A8 (its own weights)",
+             **{f"uniform_{k}": f"uniform {k}" for k in result.uniform}, "mixed": f"mixed, budget {result.budget_bits}"}
+    bits = {"fp32": 32.0, "default_w8a8": 8.0, **{f"uniform_{k}": v["avg_bits"] for k, v in result.uniform.items()},
+            "mixed": result.avg_weight_bits}
+    summary = markdown_table(
+        ["system", "avg weight bits", "× smaller than fp32", "dev WER %", "word errors", "Δ vs fp32 [95 % CI]"],
+        [[names.get(k, k), f"{bits.get(k, 0):.2f}", f"{32 / bits[k]:.2f}" if k in bits else "-", v["wer"],
+          f"{v['word_errors']}/{v['words']}", ci_text(ci.get(k, {}).get("vs_fp32"))] for k, v in dev.items()])
+    layers = markdown_table(
+        ["layer", "kind", "weights", "format", "dev KL alone", *result.menu],
+        [[short_layer(c.layer), c.kind, c.weights, f"**{c.format}**", f"{c.predicted_kl:.5f}",
+          *(f"{result.sensitivity[c.layer][f]:.4f}" for f in result.menu)] for c in result.choices])
+    pareto = markdown_table(["budget", "avg bits", "predicted dev KL", "measured dev KL", "dev WER %"],
+                            [[p["budget"], f"{p['avg_bits']:.3f}", f"{p['predicted_kl']:.5f}", f"{p['kl']:.5f}",
+                              p["wer"]] for p in result.pareto])
+    repairs = "none needed (measured KL within tolerance of the prediction)" if not result.repairs else \
+        markdown_table(["layer fixed", "to", "predicted gain", "KL before", "KL after", "kept"],
+                       [[short_layer(r["layer"]), r["to"], f"{r['predicted_gain']:.5f}", f"{r['kl_before']:.5f}",
+                         f"{r['kl_after']:.5f}", r["kept"]] for r in result.repairs])
+    counts: dict[str, int] = {}
+    for c in result.choices:
+        counts[c.format] = counts.get(c.format, 0) + 1
+    return "\n".join([
+        f"# StableQuant mixed precision: {meta.get('model')} ({meta.get('arch')}), budget {result.budget_bits} bits",
+        "",
+        f"**{result.avg_weight_bits:.3f} average bits per weight** (every Linear/Conv weight; float counts 16) = "
+        f"**{result.compression_vs_fp32:.2f}× smaller** than fp32. Formats: "
+        + ", ".join(f"{k} ×{n}" for k, n in counts.items()) + f". Menu: {', '.join(result.menu)}; {result.fp8}.",
+        "",
+        f"Dev KL to fp32: predicted (sum of per-layer scores) {result.predicted_kl:.5f}, measured "
+        f"{result.final_kl:.5f}. Calibration {meta.get('calib_utterances')} utts, dev {meta.get('dev_utterances')} "
+        f"utts; {result.evaluations} dev evaluations in {meta.get('seconds')} s "
+        f"(phases: {', '.join(f'{k} {v:.0f} s' for k, v in result.seconds.items())}).",
+        "",
+        summary,
+        "",
+        "## Per-layer formats (sensitivity: dev KL with only that layer at each format)",
+        "",
+        layers,
+        "",
+        "## Allocations at other budgets (the Pareto plot `pareto.png`)",
+        "",
+        pareto,
+        "",
+        f"## Greedy repair: {repairs}",
+        "",
+        REAPPLY,
+        "",
+    ])
+
+
+def plot_pareto(result, path: Path) -> None:
+    """Average weight bits vs dev WER: the mixed allocations and the uniform formats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    pts = sorted(result.pareto, key=lambda p: p["avg_bits"])
+    ax.plot([p["avg_bits"] for p in pts], [p["wer"] for p in pts], marker="o", label="mixed (allocations)")
+    ax.scatter([result.avg_weight_bits], [result.final_wer], s=90, marker="*", color="tab:red", zorder=3,
+               label=f"mixed, budget {result.budget_bits}")
+    for name, u in result.uniform.items():
+        ax.scatter([u["avg_bits"]], [u["wer"]], marker="s", color="tab:gray", zorder=3)
+        ax.annotate(f"uniform {name}", (u["avg_bits"], u["wer"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.axhline(result.float_wer, color="gray", ls="--", label="fp32")
+    ax.set_xlabel("average bits per weight")
+    ax.set_ylabel("dev WER %")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_mixed_outputs(out_dir: Path, result, meta: dict) -> str:
+    import modelopt.torch.opt as mto
+
+    out_dir = Path(out_dir)
+    write_json_atomic(out_dir / "modelopt_config.json", result.config)
+    write_json_atomic(out_dir / "report.json", {"meta": meta, **result.to_json()})
+    md = mixed_markdown(result, meta)
+    write_text_atomic(out_dir / "report.md", md)
+    plot_pareto(result, out_dir / "pareto.png")
+    with atomic_output(out_dir / "model.pth") as tmp:
+        mto.save(result.model.model, tmp)
+    return md

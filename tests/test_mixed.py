@@ -1,0 +1,104 @@
+"""Mixed precision under a budget: exact allocation vs brute force, budget kept, config round trip."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sq_plugin  # noqa: F401
+from recipes.asr import forward_logits
+from recipes.layerwise import LogitDivergence
+from recipes.mixed import MENU, allocate, average_bits, run_mixed
+from recipes.models import remove_weight_norm
+from recipes.qconfig import calibration_loop
+from recipes.stablequant import DevScorer, Settings
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
+
+from test_recipe import setup  # noqa: E402,F401  (tiny random model + calib/dev sets)
+
+
+def _brute_force(scores, sizes, bits, budget):
+    best = None
+    for combo in itertools.product(*[list(r) for r in scores]):
+        if sum(n * bits[f] for n, f in zip(sizes, combo)) <= budget * sum(sizes) + 1e-9:
+            cost = sum(r[f] for r, f in zip(scores, combo))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    bits = {"float": 16, "W8A8": 8, "W6A6": 6, "W4A8": 4}
+    sizes = [int(n) for n in rng.integers(1, 50, 6) * 128]
+    scores = []
+    for _ in sizes:  # fewer bits, more damage (not strictly: noise on top)
+        base = rng.exponential(1.0)
+        scores.append({"float": 0.0, "W8A8": base * 0.1 + rng.random() * 0.05, "W6A6": base * 0.5,
+                       "W4A8": base * 2 + rng.random()})
+    for budget in (4.0, 4.7, 5.5, 6.4, 8.0, 11.3, 16.0):
+        choice = allocate(scores, sizes, bits, budget)
+        assert average_bits(sizes, [bits[f] for f in choice]) <= budget + 1e-12
+        assert sum(r[f] for r, f in zip(scores, choice)) == pytest.approx(
+            _brute_force(scores, sizes, bits, budget), abs=1e-9)
+    with pytest.raises(ValueError, match="below the smallest"):
+        allocate(scores, sizes, bits, 3.9)
+    # a pinned layer keeps its format, the rest stays optimal under the same budget
+    pinned = allocate(scores, sizes, bits, 9.0, fixed={0: "float"})
+    assert pinned[0] == "float" and average_bits(sizes, [bits[f] for f in pinned]) <= 9.0
+    rest = [r if i else {"float": r["float"]} for i, r in enumerate(scores)]  # oracle: layer 0 float only
+    assert sum(r[f] for r, f in zip(scores, pinned)) == pytest.approx(_brute_force(rest, sizes, bits, 9.0), abs=1e-9)
+
+
+def test_allocation_fractional_bits_exact():
+    """Budget arithmetic is integer: a budget exactly at a combination's average is feasible."""
+    bits = {"a": 16, "b": 4}
+    sizes = [3, 7]
+    exact = average_bits(sizes, [16, 4])  # 7.6
+    choice = allocate([{"a": 0.0, "b": 1.0}, {"a": 0.0, "b": 1.0}], sizes, bits, exact)
+    assert choice == ["a", "b"]
+
+
+def test_mixed_budget_respected_and_config_reproduces(setup):
+    sm, calib, dev = setup
+    result = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False,
+                       pareto_budgets=(5.0,))
+    sizes = [c.weights for c in result.choices]
+    assert result.avg_weight_bits <= 6.0
+    assert result.avg_weight_bits == pytest.approx(average_bits(sizes, [MENU[c.format].bits for c in result.choices]))
+    assert {c.format for c in result.choices} - {"float"}  # something is quantized
+    # the allocation is optimal for the measured sensitivities (brute force is too big: check
+    # that no single-layer change within budget lowers the predicted sum)
+    pred = sum(result.sensitivity[c.layer][c.format] for c in result.choices)
+    assert pred == pytest.approx(result.predicted_kl)
+    for i, c in enumerate(result.choices):
+        for f in result.menu:
+            bits = [MENU[d.format].bits if j != i else MENU[f].bits for j, d in enumerate(result.choices)]
+            if average_bits(sizes, bits) <= 6.0:
+                assert result.sensitivity[c.layer][f] >= result.sensitivity[c.layer][c.format] - 1e-12
+    # oracle: a fresh mtq.quantize of the emitted config, plain full forwards
+    model = remove_weight_norm(copy.deepcopy(sm.model))
+    mtq.quantize(model, json.loads(json.dumps(result.config)), calibration_loop(calib))
+    mine = dict(result.model.model.named_modules())
+    enabled = 0
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer):
+            assert q.is_enabled == mine[name].is_enabled, name
+            if q.is_enabled:
+                enabled += 1
+                assert q.num_bits == mine[name].num_bits, name
+                assert torch.equal(q.amax, mine[name].amax), name
+    assert enabled
+    with torch.inference_mode():
+        ref = [forward_logits(sm.model, b) for b in dev]
+        out = [forward_logits(model, b) for b in dev]
+    assert LogitDivergence(ref)(out) == pytest.approx(result.final_kl, rel=1e-5)
+    assert DevScorer(sm, dev).wer(out) == result.final_wer
+    assert [p["budget"] for p in result.pareto] == [5.0, 6.0]
