@@ -32,6 +32,7 @@ from torch import nn
 from torch.onnx import symbolic_helper
 
 from recipes.atomic import atomic_output
+from recipes.int4_export import pack_int4_weights
 
 log = logging.getLogger(__name__)
 
@@ -268,10 +269,12 @@ def _fold_constant_clip(name: str, producers, consts) -> tuple[np.ndarray, list]
     return op(a[0], consts[node.input[1]]).astype(np.float32), a[1] + [node]
 
 
-def fold_weight_quantizers(model_proto: onnx.ModelProto) -> int:
+def fold_weight_quantizers(model_proto: onnx.ModelProto, levels: dict[str, tuple[int, int]] | None = None) -> int:
     """Replace each constant-weight -> [clip] -> QuantizeLinear by an int8 initialiser.
 
     The DequantizeLinear stays, so the graph keeps the Q/DQ meaning while the file stores int8.
+    ``levels`` (optional) receives each new initialiser's integer range (qmin, qmax), read from
+    the narrow-grid clip (int8's own range without one), so 4-bit weights can be packed later.
     Returns how many weights were folded.
     """
     graph = model_proto.graph
@@ -292,7 +295,10 @@ def fold_weight_quantizers(model_proto: onnx.ModelProto) -> int:
         axis = _attr(node, "axis", 1) if scale.ndim == 1 else None
         base = node.input[0] if node.input[0] in consts else clip_nodes[0].input[0]
         int8_name = f"{base}_int8"
-        new_inits.append(numpy_helper.from_array(quantize_like_ort(weight, scale, axis), int8_name))
+        ints = quantize_like_ort(weight, scale, axis)
+        new_inits.append(numpy_helper.from_array(ints, int8_name))
+        if levels is not None:
+            levels[int8_name] = _clip_levels(clip_nodes, consts, scale, axis, ints.ndim)
         for user in users:
             user.input[0] = int8_name
         dead.update(id(n) for n in [node, *clip_nodes])
@@ -301,6 +307,23 @@ def fold_weight_quantizers(model_proto: onnx.ModelProto) -> int:
     replace_nodes(graph, dead, new_inits)
     prune_unused(graph)
     return folded
+
+
+def _clip_levels(clip_nodes, consts, scale, axis, ndim) -> tuple[int, int]:
+    """(qmin, qmax) of a narrow grid from its Min/Max clip constants (scale·qmax, scale·qmin)."""
+    qmin, qmax = INT8_MIN, INT8_MAX
+    scale = np.asarray(scale, dtype=np.float32)
+    if axis is not None and scale.ndim == 1:
+        shape = [1] * ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+    for node in clip_nodes:
+        bound = np.rint(consts[node.input[1]] / scale)
+        if node.op_type == "Min":
+            qmax = int(bound.max())
+        else:
+            qmin = int(bound.min())
+    return qmin, qmax
 
 
 def absorb_weight_transposes(model_proto: onnx.ModelProto) -> int:
@@ -463,13 +486,14 @@ def fold_input_shifts(model_proto: onnx.ModelProto) -> int:
 
 def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, opset: int = MIN_OPSET,
                 allow_fp32: bool = False, bits_note: str | None = None,
-                metadata: dict[str, str] | None = None) -> dict:
+                metadata: dict[str, str] | None = None, pack_int4: bool = True) -> dict:
     """Export a ModelOpt-quantized CTC model of any family (or a SpeechModel) to Q/DQ ONNX with int8 weights.
 
     Input ``input_values`` [batch, samples] (already normalised if the model expects it), output
     ``logits`` [batch, frames, vocab]; both batch and length are dynamic. ``bits_note`` is extra
     free text stored with the int8-container note; ``metadata`` adds string key/values to the
-    file's metadata_props. The file appears atomically or not at all.
+    file's metadata_props. Weights of 4 bits or fewer are stored packed as ONNX INT4 (opset 21,
+    :mod:`recipes.int4_export`) unless ``pack_int4=False``. The file appears atomically or not at all.
     Returns a summary dict (path, precision, quantizer count, int8 weights, bits, size).
     """
     from recipes.speech import family_of, remove_weight_norm
@@ -521,9 +545,18 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
                                   "logits": {0: "batch", 1: "frames"}},
                 )
             proto = onnx.load(str(tmp))
-            folded = fold_weight_quantizers(proto)
+            levels: dict[str, tuple[int, int]] = {}
+            folded = fold_weight_quantizers(proto, levels)
             absorb_weight_transposes(proto)
             fold_input_shifts(proto)
+            packed = pack_int4_weights(proto, levels) if pack_int4 else 0
+            if packed:
+                key = META_PREFIX + "container_note"
+                rest = _container_note({n: s for n, s in specs.items()
+                                        if not (n.endswith("weight_quantizer") and s.num_bits <= 4)})
+                meta[key] = " ".join(filter(None, [f"{packed} weights on 4-bit grids are stored packed as ONNX "
+                                                   "INT4 (opset 21), two per byte.", rest, bits_note]))
+                meta[META_PREFIX + "int4_weights"] = str(packed)
             for key, value in meta.items():
                 proto.metadata_props.add(key=key, value=value)
             proto.producer_name = "sq-plugin"
@@ -534,7 +567,7 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     log.info("ONNX export: %s (%d quantizers, %d weights stored as int8)", out_path, len(specs),
              folded)
     return {"path": str(out_path), "precision": meta[META_PREFIX + "precision"],
-            "quantizers": len(specs), "int8_weights": folded,
+            "quantizers": len(specs), "int8_weights": folded - packed, "int4_weights": packed,
             "bits": sorted({s.num_bits for s in specs.values()}),
             "container_note": meta.get(META_PREFIX + "container_note"),
             "size_bytes": out_path.stat().st_size}

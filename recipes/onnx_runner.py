@@ -51,6 +51,8 @@ def _qdq_conv_parts(conv, producers, consts):
         return None
     x_q = producers.get(x_dq.input[0])
     weight = consts.get(w_dq.input[0])
+    if weight is not None and weight.dtype.name == "int4":  # packed INT4 file: same integers, int8 GEMM
+        weight = weight.astype(np.int8)
     sx = consts.get(x_dq.input[1])
     if x_q is None or x_q.op_type != "QuantizeLinear" or weight is None or weight.ndim != 3 or \
             sx is None or sx.size != 1 or weight.dtype != np.int8:
