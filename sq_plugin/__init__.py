@@ -5,6 +5,7 @@
 works, and exposes the calibrator registry (built-ins + pluggy entry-point group ``sq_plugin``).
 """
 
+from .formats import STABLEQUANT_INT8_CFG, stablequant_format
 from .hookspecs import hookimpl
 from .modelopt_glue import StableQuantCalibConfig, register, stablequant_calibrate
 from .registry import (
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 register()
 
 __all__ = [
+    "STABLEQUANT_INT8_CFG",
     "StableQuantCalibConfig",
     "calibrator",
     "calibrator_class",
@@ -27,5 +29,6 @@ __all__ = [
     "hookimpl",
     "register_plugin",
     "stablequant_calibrate",
+    "stablequant_format",
     "unregister_plugin",
 ]

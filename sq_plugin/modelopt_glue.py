@@ -384,7 +384,26 @@ def _sync_calibrator_attributes() -> None:
     TensorQuantizer.set_from_attribute_config = set_from_attribute_config
 
 
+def _allow_in_auto_quantize() -> None:
+    """Let ``mtq.auto_quantize`` take formats whose algorithm is ``"stablequant"``.
+
+    ModelOpt 0.47 checks each candidate format's algorithm against a private allow-list
+    (``model_quant._AUTO_QUANTIZE_SUPPORTED_ALGORITHMS``: max, mse, smoothquant, awq, ...) with
+    no public way to register one, and refuses the rest before any work. StableQuant qualifies
+    as those do: per recipe, auto_quantize runs ``calibrate(model, algorithm, forward_loop)``
+    with that recipe's quantizers enabled and stores their state; ours only sets amax (no
+    weights change). Workaround: remove when ModelOpt offers a registration hook for
+    auto_quantize algorithms (or drops the allow-list).
+    """
+    from modelopt.torch.quantization import model_quant
+
+    allowed = getattr(model_quant, "_AUTO_QUANTIZE_SUPPORTED_ALGORITHMS", None)
+    if isinstance(allowed, set):
+        allowed.add(METHOD)
+
+
 def register() -> None:
     """Idempotent: everything ``import sq_plugin`` needs to do with ModelOpt."""
     _register_mode()
     _sync_calibrator_attributes()
+    _allow_in_auto_quantize()

@@ -1,0 +1,77 @@
+"""``mtq.auto_quantize`` on a speech CTC model, with StableQuant's INT8 format among the candidates.
+
+auto_quantize (ModelOpt 0.47, ``method="gradient"``) needs a data loader, a ``forward_step`` and
+a ``loss_func``; for a CTC model the natural loss is the CTC loss of the transcripts, which is
+what this module supplies. Our own mixed-precision search (:mod:`recipes.mixed`) is the
+WER/KL-driven alternative; :func:`run_auto_quantize` lets the two be compared at equal
+effective bits.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .models import SpeechModel, remove_weight_norm
+
+
+def ctc_targets(sm: SpeechModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated label ids and lengths of ``texts`` in the model's vocabulary (spaces -> the
+    word delimiter; characters outside the vocabulary are an error naming them)."""
+    index = {tok: i for i, tok in enumerate(sm.vocab)}
+    labels, lengths = [], []
+    for text in texts:
+        ids = []
+        for ch in " ".join(text.upper().split()).replace(" ", sm.word_delimiter):
+            if ch not in index:
+                raise ValueError(f"transcript character {ch!r} is not in the model's vocabulary: {text!r}")
+            ids.append(index[ch])
+        labels += ids
+        lengths.append(len(ids))
+    return torch.tensor(labels, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+
+
+def ctc_loss_func(sm: SpeechModel):
+    """``loss_func(output, batch)`` for auto_quantize: mean CTC loss of the batch's transcripts."""
+
+    def loss_func(logits: torch.Tensor, batch) -> torch.Tensor:
+        model = sm.model
+        in_len = model._get_feat_extract_output_lengths(batch.lengths).clamp(max=logits.shape[1])
+        targets, tgt_len = ctc_targets(sm, batch.texts)
+        lp = F.log_softmax(logits, -1, dtype=torch.float32).transpose(0, 1)
+        return F.ctc_loss(lp, targets, in_len, tgt_len, blank=sm.blank_id, reduction="mean", zero_infinity=True)
+
+    return loss_func
+
+
+def forward_step(model: torch.nn.Module, batch) -> torch.Tensor:
+    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask}
+    return model(batch.input_values, **kwargs).logits
+
+
+def run_auto_quantize(sm: SpeechModel, batches: Sequence, effective_bits: float, formats: Sequence,
+                      num_calib_steps: int | None = None, num_score_steps: int | None = None,
+                      verbose: bool = False) -> tuple[SpeechModel, dict]:
+    """auto_quantize a copy of ``sm`` (gradient scores from the CTC loss) under ``effective_bits``.
+
+    ``formats``: ModelOpt format dicts or names, e.g. ``[sq_plugin.STABLEQUANT_INT8_CFG,
+    "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"]``. Returns the quantized copy and auto_quantize's state
+    (its per-layer choices under ``"best"``).
+    """
+    import modelopt.torch.quantization as mtq
+
+    import sq_plugin  # noqa: F401  (registers "stablequant")
+
+    model = copy.deepcopy(remove_weight_norm(sm.model)).eval()
+    qsm = SpeechModel(**{**sm.__dict__, "model": model})
+    steps = len(batches)
+    model, state = mtq.auto_quantize(
+        model, constraints={"effective_bits": effective_bits}, quantization_formats=list(formats),
+        data_loader=list(batches), forward_step=forward_step, loss_func=ctc_loss_func(qsm),
+        num_calib_steps=num_calib_steps or steps, num_score_steps=num_score_steps or steps, verbose=verbose,
+        disabled_layers=["*layer_norm*"])
+    qsm.model = model.eval()
+    return qsm, state
