@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--subset", action="append", default=None, metavar="NAME=DATA",
                    help="also report WER on the test utterances listed in DATA (repeatable); "
                         "--model demo: training voices vs held-out voices")
+    c.add_argument("--budgets", type=_number(float, 4.0, 16.0), nargs="*", default=[6.0, 4.0], metavar="B",
+                   help="also mixed precision at these average bits per weight (quantize --budget-bits); "
+                        "give none to skip")
     c.add_argument("--out", required=True, help="output directory (compare.json, compare.md, state files)")
     c.add_argument("--overwrite", action="store_true", help="write into an existing output directory")
     c.add_argument("--resume", action="store_true", help="reuse the finished searches in OUT")

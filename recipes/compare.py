@@ -94,6 +94,7 @@ def compare_methods(
     subsets: dict[str, set[str]] | None = None,
     resamples: int = 1000,
     seed: int = 0,
+    budgets: Sequence[float] = (),
 ) -> dict:
     """Test WER of every baseline, the paper's recipe and the default recipe, with intervals.
 
@@ -161,6 +162,12 @@ def compare_methods(
         row["subsets"] = {name: {k: _subset(e, rows).wer for k, e in systems.items()}
                           for name, rows in subsets.items()}
         table["bits"][str(b)] = row
+    if budgets:
+        from .mixed_report import mixed_compare_rows
+
+        table["mixed"] = mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bins,
+                                            Path(out_dir) / "state_mixed.json" if out_dir else None, resume,
+                                            resamples, seed)
     return table
 
 

@@ -98,3 +98,45 @@ def write_mixed_outputs(out_dir: Path, result, meta: dict) -> str:
     with atomic_output(out_dir / "model.pth") as tmp:
         mto.save(result.model.model, tmp)
     return md
+
+
+def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bins: int, state_path, resume: bool,
+                       resamples: int = 1000, seed: int = 0) -> dict:
+    """``stablequant compare`` rows for mixed precision: test WER per budget, with intervals vs fp32.
+
+    Every budget shares one state file: the default recipe's W8A8 run and the per-layer
+    sensitivities do not depend on the budget, so only the first budget pays for them.
+    """
+    from .asr import paired_bootstrap
+    from .compare import outputs
+    from .fastquant import fast_fake_quant
+    from .mixed import run_mixed
+    from .stablequant import Settings
+
+    rows = {}
+    for k, budget in enumerate(budgets):
+        r = run_mixed(sm, calib, dev, float(budget), Settings(num_bins=num_bins), state_path=state_path,
+                      resume=resume or k > 0)
+        with fast_fake_quant(r.model.model):
+            err = test_scorer.errors(outputs(r.model.model, test_scorer.batches))
+        counts: dict[str, int] = {}
+        for c in r.choices:
+            counts[c.format] = counts.get(c.format, 0) + 1
+        rows[str(float(budget))] = {
+            "avg_weight_bits": r.avg_weight_bits, "compression_vs_fp32": r.compression_vs_fp32,
+            "dev_wer": r.final_wer, "test_wer": err.wer, "formats": counts,
+            "vs_fp32": paired_bootstrap(err.word_edits, fp32_errors.word_edits, err.words, resamples, seed),
+            "seconds": sum(r.seconds.values())}
+    return rows
+
+
+def mixed_compare_markdown(table: dict) -> str:
+    rows = [[f"mixed, budget {b}", f"{r['avg_weight_bits']:.2f}", f"{r['compression_vs_fp32']:.2f}×", r["dev_wer"],
+             r["test_wer"], ci_text(r["vs_fp32"]), ", ".join(f"{k} ×{n}" for k, n in r["formats"].items())]
+            for b, r in table["mixed"].items()]
+    return "\n".join([
+        "## Mixed precision under a size budget (`--budgets`)", "",
+        "One format per layer (float counted as 16 bits, W8A8, W6A6, W4A8, W4A16) chosen from dev "
+        f"sensitivities under the average-bits budget; fp32 test WER {table['fp32_test_wer']:.2f}.", "",
+        markdown_table(["system", "avg weight bits", "smaller than fp32", "dev WER %", "test WER %",
+                        "Δ vs fp32 [95 % CI]", "formats"], rows), ""])

@@ -295,6 +295,10 @@ def compare_markdown(table: dict) -> str:
         parts += ["## Test subsets (test WER %)", "",
                   markdown_table(["precision", "subset", "fp32", "Max", "Percentile", "MSE", "Entropy",
                                   "StableQuant (paper)", "StableQuant (default)"], rows), ""]
+    if table.get("mixed"):
+        from .mixed_report import mixed_compare_markdown
+
+        parts.append(mixed_compare_markdown(table))
     return "\n".join(parts)
 
 

@@ -136,9 +136,13 @@ def run_compare(args) -> dict:
     test_ids = {u.path.resolve(): u.id for u in open_dataset(args.test or demo_split("test"))}
     subsets = {name: {test_ids[u.path.resolve()] for u in open_dataset(path) if u.path.resolve() in test_ids}
                for name, path in subsets.items()}
+    budgets = list(getattr(args, "budgets", None) or ())
+    if budgets and ranks.world > 1:
+        log.warning("--budgets: mixed precision runs in one process; its rows are skipped under torchrun")
+        budgets = []
     table = compare_methods(sm, calib, dev, test, bits=args.bits, gamma=args.gamma, grid=args.grid,
                             num_bins=args.num_bins, out_dir=out_dir, resume=args.resume, subsets=subsets,
-                            seed=args.seed)
+                            seed=args.seed, budgets=budgets)
     table.update(model=str(args.model), device=str(device), ranks=ranks.world)
     if not ranks.main:
         return table

@@ -51,6 +51,37 @@ def test_quantize_paper_recipe_writes_its_stages(workspace):
     assert "| layer | kind | MAX amax |" in (out / "report.md").read_text()
 
 
+def test_quantize_budget_bits_writes_mixed_report_and_resumes(workspace, capsys):
+    out = workspace / "mixed"
+    assert main(_quantize_args(workspace, out, "--budget-bits", "6")) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "report.md", "modelopt_config.json", "model.pth", "state.json", "state_w8a8.json",
+            "pareto.png"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["recipe"] == "mixed" and report["avg_weight_bits"] <= 6.0
+    assert len(report["choices"]) > 10 and {c["format"] for c in report["choices"]} <= \
+        {"float", "W8A8", "W6A6", "W4A8", "W4A16"}
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| layer | kind | weights | format |" in (out / "report.md").read_text()
+    config = json.loads((out / "modelopt_config.json").read_text())
+    named = {e["quantizer_name"]: e["cfg"]["num_bits"] for e in config["quant_cfg"] if "cfg" in e}
+    for c in report["choices"]:  # one exact entry per quantizer, with the chosen bits
+        assert named.get(f"{c['layer']}.weight_quantizer") == c["wbits"]
+        assert named.get(f"{c['layer']}.input_quantizer") == c["abits"]
+    # another budget reuses the sensitivities (no new evaluation of the default recipe or layers)
+    state = json.loads((out / "state.json").read_text())
+    assert main(_quantize_args(workspace, out, "--budget-bits", "4", "--resume")) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["avg_weight_bits"] <= 4.0 and again["sensitivity"] == report["sensitivity"]
+    assert json.loads((out / "state.json").read_text())["sensitivity"] == state["sensitivity"]
+    capsys.readouterr()
+    assert main(_quantize_args(workspace, workspace / "never", "--budget-bits", "6", "--recipe", "paper")) == 2
+    assert "drop --recipe paper" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_quantize_args(workspace, workspace / "never", "--budget-bits", "3.5"))
+    assert "must be >= 4.0" in capsys.readouterr().err
+
+
 def test_quantize_writes_reports_and_refuses_existing_dir(workspace, capsys):
     out = workspace / "run"
     assert main(_quantize_args(workspace, out)) == 0
@@ -188,6 +219,11 @@ def test_compare_writes_intervals_and_subsets(workspace):
     assert "fp32_test_wer" in table and table["test_utterances"] == 4
     md = (out / "compare.md").read_text()
     assert "Test subsets" in md and "| W8A8 | half |" in md and "95 % CI" in md
+    assert set(table["mixed"]) == {"6.0", "4.0"}  # default --budgets
+    for budget, row in table["mixed"].items():
+        assert row["avg_weight_bits"] <= float(budget) and 0 <= row["test_wer"]
+        assert row["vs_fp32"]["resamples"] == 1000
+    assert "| mixed, budget 6.0 |" in md
 
 
 @pytest.mark.parametrize("option,value,message", [
