@@ -265,7 +265,7 @@ def run_mixed(
     menu: Sequence[str] = tuple(MENU),
     tolerance: float = 0.25,
     max_repairs: int = 3,
-    pareto_budgets: Sequence[float] = (4.0, 4.5, 5.0, 5.5, 6.0, 6.4, 7.0, 8.0, 10.0),
+    pareto_budgets: Sequence[float] = (4.0, 5.0, 6.0, 7.0, 8.0),
 ) -> MixedResult:
     """Mixed precision of ``sm`` under ``budget_bits`` average bits per weight (see module doc)."""
     from calibrators import per_channel_mse_amax

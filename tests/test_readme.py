@@ -210,3 +210,12 @@ def test_trtexec_line_matches_the_exported_onnx(tmp_path):
         assert name == graph_input.name and batch >= 1 and samples >= 400  # 400: wav2vec2's receptive field
     assert [int(shapes[k].split("x")[1]) for k in ("min", "opt", "max")] == \
         sorted(int(shapes[k].split("x")[1]) for k in ("min", "opt", "max"))
+
+
+def test_auto_quantize_snippet_runs_on_the_demo_model():
+    pytest.importorskip("modelopt.torch.quantization")
+    scope: dict = {}
+    exec(compile(_python_block_after("**Next to `mtq.auto_quantize`.**"), "README.md", "exec"), scope)
+    best = scope["state"]["best"]
+    assert best["is_satisfied"] and best["constraints"]["effective_bits"] <= 7.0
+    assert any(str(r).startswith("CUSTOM_0") for r in best["recipe"].values())  # the StableQuant format
