@@ -57,11 +57,13 @@ def main(argv=None) -> None:
     sm = resolve_model("demo")
     calib = make_batches(open_dataset(demo_data("calib")), sm)
     test = make_batches(open_dataset(demo_data("test")), sm)
-    scorer = DevScorer(sm, test)
+    dev = make_batches(open_dataset(demo_data("dev")), sm)
+    scorer, dev_scorer = DevScorer(sm, test), DevScorer(sm, dev)
 
-    def test_wer(model) -> float:
+    def test_wer(model, on=None) -> float:
+        on = on or scorer
         with torch.inference_mode(), fast_fake_quant(model):
-            return scorer.wer([forward_logits(model, b) for b in test])
+            return on.wer([forward_logits(model, b) for b in on.batches])
 
     fp32_wer = test_wer(sm.model)
     fp32_onnx = export_onnx(sm, work / "fp32.onnx", allow_fp32=True)
@@ -86,6 +88,7 @@ def main(argv=None) -> None:
         qsm = quantize_copy(sm, load_config(run_dir / "modelopt_config.json"), calib)  # the config, re-applied
         row = {"avg_weight_bits": report["avg_weight_bits"], "compression_vs_fp32": report["compression_vs_fp32"],
                "dev_wer": report["final_wer"], "dev_fp32_wer": report["float_wer"],
+               "dev_wer_reapplied": test_wer(qsm.model, dev_scorer),
                "test_wer": test_wer(qsm.model), "search_seconds": report["meta"]["seconds"],
                "search_phases": report["seconds"], "resumed": resume, "run_seconds": round(seconds, 1),
                "formats": {}}

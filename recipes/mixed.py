@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .asr import forward_logits
 from .fastquant import fake_quant_int, fast_fake_quant
-from .layerwise import CANDIDATES, LogitDivergence, run_layerwise, spec_entry, spec_label
+from .layerwise import CANDIDATES, SHIFT, LogitDivergence, run_layerwise, spec_entry, spec_label
 from .models import SpeechModel, layer_inventory
 from .reuse import PrefixRunner
 from .stablequant import Settings, begin_recipe, result_json
@@ -190,7 +190,8 @@ class FormatSetter:
         modules = dict(model.named_modules())
         self.modules = {l: modules[l] for l in layers}
         self.original = {l: m.weight.data for l, m in self.modules.items()}
-        self.act_amax, self.weight_amax = act_amax, weight_amax  # callables (layer, bits) -> amax
+        # callables: (layer, bits) -> (amax, shift or None) of the input, -> per-channel weight amax
+        self.act_amax, self.weight_amax = act_amax, weight_amax
         self._folded: dict[tuple[str, int], torch.Tensor] = {}
 
     def folded_weight(self, layer: str, bits: int) -> torch.Tensor:
@@ -209,7 +210,9 @@ class FormatSetter:
             q.disable()
         else:
             q.num_bits = fmt.abits
-            q.amax = self.act_amax(layer, fmt.abits)
+            q.amax, shift = self.act_amax(layer, fmt.abits)
+            if shift is not None:  # a one-sided range: its shift moves with the bit width
+                q.bias_value = shift
             q.enable()
 
     def fold(self, assign: dict[str, Format]) -> None:
@@ -295,17 +298,23 @@ def run_mixed(
         raise ValueError(f"layers without ModelOpt quantizers (not converted): {missing}")
     sizes = [modules[l].weight.numel() for l in layers]
 
-    specs = {spec_label(name, kw): (name, kw) for name, kw in CANDIDATES}
+    specs = {spec_label(name, kw): (name, kw, False) for name, kw in CANDIDATES}
+    specs.update({spec_label(name, kw) + SHIFT: (name, kw, True) for name, kw in CANDIDATES})
     chosen_spec = {c.layer: specs[c.chosen] for c in base.layers}
-    act_cache: dict[tuple[str, int], torch.Tensor] = {}
+    act_cache: dict[tuple[str, int], tuple] = {}
 
-    def act_amax(layer: str, bits: int) -> torch.Tensor:
+    def act_amax(layer: str, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The default recipe's calibrator for this input, re-run on its histogram at ``bits``."""
         if (layer, bits) not in act_cache:
             q = modules[layer].input_quantizer
-            name, kw = chosen_spec[layer]
-            a = calibrator_class(name)(num_bits=bits, unsigned=q._unsigned, num_bins=s.num_bins,
-                                       **kw).search(q._calibrator.histogram)
-            act_cache[layer, bits] = torch.as_tensor(float(a))
+            name, kw, shift = chosen_spec[layer]
+            searcher = calibrator_class(name)(num_bits=bits, unsigned=q._unsigned, num_bins=s.num_bins,
+                                              shift=shift, **kw)
+            if shift:
+                amax, bias = searcher.search(q._calibrator.histogram, q._calibrator.signed_min)
+                act_cache[layer, bits] = (torch.as_tensor(float(amax)), torch.as_tensor(float(bias)))
+            else:
+                act_cache[layer, bits] = (torch.as_tensor(float(searcher.search(q._calibrator.histogram))), None)
         return act_cache[layer, bits]
 
     weight_max = {l: modules[l].weight_quantizer.amax.clone() for l in layers}
