@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .asr import forward_logits
 from .models import SpeechModel, remove_weight_norm
 
 
@@ -38,8 +39,9 @@ def ctc_loss_func(sm: SpeechModel):
     """``loss_func(output, batch)`` for auto_quantize: mean CTC loss of the batch's transcripts."""
 
     def loss_func(logits: torch.Tensor, batch) -> torch.Tensor:
-        model = sm.model
-        in_len = model._get_feat_extract_output_lengths(batch.lengths).clamp(max=logits.shape[1])
+        from .speech import family_of
+
+        in_len = family_of(sm.model).output_lengths(sm.model, batch.lengths).clamp(max=logits.shape[1])
         targets, tgt_len = ctc_targets(sm, batch.texts)
         lp = F.log_softmax(logits, -1, dtype=torch.float32).transpose(0, 1)
         return F.ctc_loss(lp, targets, in_len, tgt_len, blank=sm.blank_id, reduction="mean", zero_infinity=True)
@@ -48,8 +50,8 @@ def ctc_loss_func(sm: SpeechModel):
 
 
 def forward_step(model: torch.nn.Module, batch) -> torch.Tensor:
-    kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask}
-    return model(batch.input_values, **kwargs).logits
+    """auto_quantize's ``forward_step``: CTC logits of one batch, with gradients (unlike inference)."""
+    return forward_logits(model, batch)
 
 
 def run_auto_quantize(sm: SpeechModel, batches: Sequence, effective_bits: float, formats: Sequence,

@@ -201,7 +201,7 @@ class FormatSetter:
 
             q, w = self.modules[layer].weight_quantizer, self.original[layer]
             amax = self.weight_amax(layer, bits).reshape(_amax_shape(q, w))
-            self._folded[key] = fake_quant_int(w, amax, bits, False, q._narrow_range)
+            self._folded[key] = fake_quant_int(w, amax, bits, False, q.narrow_range)
         return self._folded[key]
 
     def _activation(self, layer: str, fmt: Format) -> None:
@@ -273,6 +273,7 @@ def run_mixed(
     """Mixed precision of ``sm`` under ``budget_bits`` average bits per weight (see module doc)."""
     from calibrators import per_channel_mse_amax
     from sq_plugin import calibrator_class
+    from sq_plugin.modelopt_glue import calibrator_of
 
     unknown = [m for m in menu if m not in MENU]
     if unknown or "float" not in menu:
@@ -307,14 +308,15 @@ def run_mixed(
         """The default recipe's calibrator for this input, re-run on its histogram at ``bits``."""
         if (layer, bits) not in act_cache:
             q = modules[layer].input_quantizer
+            cal = calibrator_of(q)
             name, kw, shift = chosen_spec[layer]
-            searcher = calibrator_class(name)(num_bits=bits, unsigned=q._unsigned, num_bins=s.num_bins,
+            searcher = calibrator_class(name)(num_bits=bits, unsigned=q.unsigned, num_bins=s.num_bins,
                                               shift=shift, **kw)
             if shift:
-                amax, bias = searcher.search(q._calibrator.histogram, q._calibrator.signed_min)
+                amax, bias = searcher.search(cal.histogram, cal.signed_min)
                 act_cache[layer, bits] = (torch.as_tensor(float(amax)), torch.as_tensor(float(bias)))
             else:
-                act_cache[layer, bits] = (torch.as_tensor(float(searcher.search(q._calibrator.histogram))), None)
+                act_cache[layer, bits] = (torch.as_tensor(float(searcher.search(cal.histogram))), None)
         return act_cache[layer, bits]
 
     weight_max = {l: modules[l].weight_quantizer.amax.clone() for l in layers}
