@@ -397,20 +397,21 @@ def run_mixed(
         pred = predicted(assign)
         kl, err = measure(assign)
         repairs: list[dict] = []
-        fixed: dict[int, str] = {}
+        fixed: dict[int, str] = {}  # kept upgrades stay pinned for later re-solves
+        tried: set[int] = set()
         order = list(formats)  # menu order: float first, then descending precision
         while kl > pred * (1 + tolerance) and len(repairs) < max_repairs:
             # the layer whose next better format has the largest predicted gain
             gains = []
             for i, l in enumerate(layers):
-                if i in fixed:
+                if i in tried:
                     continue
                 better = [f for f in order if formats[f].bits > assign[l].bits]
                 if better:
                     f = min(better, key=lambda g: sensitivity[l][g])
                     gains.append((sensitivity[l][assign[l].name] - sensitivity[l][f], i, f))
-            if not gains:
-                break
+            if not gains or max(gains)[0] <= 0:
+                break  # no upgrade is predicted to help
             gain, i, f = max(gains)
             try:
                 trial = solve(budget_bits, {**fixed, i: f})
@@ -420,8 +421,9 @@ def run_mixed(
             step = {"layer": layers[i], "to": f, "predicted_gain": gain, "kl_before": kl, "kl_after": trial_kl,
                     "kept": trial_kl < kl}
             repairs.append(step)
-            fixed[i] = f
+            tried.add(i)
             if trial_kl < kl:
+                fixed[i] = f
                 assign, kl, err, pred = trial, trial_kl, trial_err, predicted(trial)
         errors["mixed"] = err
         lap("allocate + verify")

@@ -102,3 +102,19 @@ def test_mixed_budget_respected_and_config_reproduces(setup):
     assert LogitDivergence(ref)(out) == pytest.approx(result.final_kl, rel=1e-5)
     assert DevScorer(sm, dev).wer(out) == result.final_wer
     assert [p["budget"] for p in result.pareto] == [5.0, 6.0]
+
+
+def test_greedy_repair_keeps_only_improvements_within_budget(setup):
+    """Force the repair (tolerance -1: every measurement 'misses'): each step pins one layer a
+    format up, re-solves under the same budget, and is kept only if the measured dev KL falls."""
+    sm, calib, dev = setup
+    result = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                       tolerance=-1.0, max_repairs=2)
+    assert 1 <= len(result.repairs) <= 2
+    kl = result.repairs[0]["kl_before"]
+    for step in result.repairs:
+        assert step["kl_before"] == kl and step["kept"] == (step["kl_after"] < kl)
+        if step["kept"]:
+            kl = step["kl_after"]
+        assert MENU[step["to"]].bits > 4
+    assert result.final_kl == kl and result.avg_weight_bits <= 6.0
