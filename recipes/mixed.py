@@ -314,9 +314,11 @@ def run_mixed(
                                               shift=shift, **kw)
             if shift:
                 amax, bias = searcher.search(cal.histogram, cal.signed_min)
-                act_cache[layer, bits] = (torch.as_tensor(float(amax)), torch.as_tensor(float(bias)))
+                amax, bias = torch.as_tensor(float(amax)), torch.as_tensor(float(bias))
             else:
-                act_cache[layer, bits] = (torch.as_tensor(float(searcher.search(cal.histogram))), None)
+                amax, bias = torch.as_tensor(float(searcher.search(cal.histogram))), None
+            device = q.amax.device  # the model's device (--device)
+            act_cache[layer, bits] = (amax.to(device), None if bias is None else bias.to(device))
         return act_cache[layer, bits]
 
     weight_max = {l: modules[l].weight_quantizer.amax.clone() for l in layers}
