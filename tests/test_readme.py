@@ -1,6 +1,7 @@
 """The README's ModelOpt snippet runs as written on the shipped demo model."""
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,41 @@ def test_auto_quantize_snippet_runs_on_the_demo_model():
     best = scope["state"]["best"]
     assert best["is_satisfied"] and best["constraints"]["effective_bits"] <= 7.0
     assert any(str(r).startswith("CUSTOM_0") for r in best["recipe"].values())  # the StableQuant format
+
+
+def _python_blocks() -> list[str]:
+    return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)]
+
+
+def test_calibrator_entry_snippet_puts_that_calibrator_on_the_quantizers():
+    pytest.importorskip("modelopt.torch.quantization")
+    import modelopt.torch.quantization as mtq
+    from torch import nn
+
+    from calibrators import StableQuantCalibrator
+
+    (block,) = [b for b in _python_blocks() if "cfg_entry" in b]
+    scope: dict = {}
+    exec(compile(block, "README.md:cfg_entry", "exec"), scope)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    config = {"quant_cfg": [{"quantizer_name": "*", "enable": False}, scope["cfg_entry"]], "algorithm": "max"}
+    x = torch.randn(256, 4)
+    with torch.no_grad():
+        h = torch.relu(model[0](x))  # what the last layer sees during calibration (nothing quantized yet)
+    mtq.quantize(model, config, lambda m: m(x))
+    cal = model[2].input_quantizer._calibrator
+    assert isinstance(cal, StableQuantCalibrator) and cal._cutoff == 0.2
+    # oracle: the same cut-off + MSE on the same data, directly
+    ref = StableQuantCalibrator(num_bits=8, cutoff=0.2)
+    ref.collect(h)
+    assert torch.equal(model[2].input_quantizer.amax.reshape(()), ref.compute_amax().reshape(()))
+
+
+def test_every_python_block_has_a_test():
+    """A new README python block needs a test here that runs it: this count says when one is added."""
+    blocks = _python_blocks()
+    covered = ["import modelopt.torch.quantization as mtq", "cfg_entry", "from recipes.api import quantize",
+               "my_pkg/sq_ext.py", "my_pkg/sq_family.py", "auto_quantize"]
+    assert len(blocks) == len(covered), [b.splitlines()[0] for b in blocks]
+    for marker in covered:
+        assert sum(marker in b for b in blocks) >= 1, marker
