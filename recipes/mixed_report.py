@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import atomic_output, write_json_atomic, write_text_atomic
-from .report import REAPPLY, _save_figure, ci_text, markdown_table, short_layer
+from .report import REAPPLY, _save_figure, ci_text, markdown_table, short_layer, write_outputs
 
 
 def mixed_markdown(result, meta: dict) -> str:
@@ -87,17 +86,7 @@ def plot_pareto(result, path: Path) -> None:
 
 
 def write_mixed_outputs(out_dir: Path, result, meta: dict) -> str:
-    import modelopt.torch.opt as mto
-
-    out_dir = Path(out_dir)
-    write_json_atomic(out_dir / "modelopt_config.json", result.config)
-    write_json_atomic(out_dir / "report.json", {"meta": meta, **result.to_json()})
-    md = mixed_markdown(result, meta)
-    write_text_atomic(out_dir / "report.md", md)
-    plot_pareto(result, out_dir / "pareto.png")
-    with atomic_output(out_dir / "model.pth") as tmp:
-        mto.save(result.model.model, tmp)
-    return md
+    return write_outputs(out_dir, result, meta, mixed_markdown(result, meta), [(plot_pareto, "pareto.png")])
 
 
 def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bins: int, state_path, resume: bool,

@@ -211,20 +211,26 @@ def plot_wer_vs_cutoff(result: StableQuantResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_quantize_outputs(out_dir: Path, result, meta: dict) -> str:
+def write_outputs(out_dir: Path, result, meta: dict, markdown: str, plots) -> str:
+    """config, report.json/.md, the plots (``[(plot_fn, file name)]``) and model.pth, each atomically."""
     import modelopt.torch.opt as mto
 
     out_dir = Path(out_dir)
     write_json_atomic(out_dir / "modelopt_config.json", result.config)
     write_json_atomic(out_dir / "report.json", {"meta": meta, **result.to_json()})
-    md = quantize_markdown(result, meta)
-    write_text_atomic(out_dir / "report.md", md)
-    plot_activation_ranges(result, out_dir / "activation_ranges.png")
-    if isinstance(result, StableQuantResult):
-        plot_wer_vs_cutoff(result, out_dir / "wer_vs_cutoff.png")
+    write_text_atomic(out_dir / "report.md", markdown)
+    for plot, name in plots:
+        plot(result, out_dir / name)
     with atomic_output(out_dir / "model.pth") as tmp:
         mto.save(result.model.model, tmp)
-    return md
+    return markdown
+
+
+def write_quantize_outputs(out_dir: Path, result, meta: dict) -> str:
+    plots = [(plot_activation_ranges, "activation_ranges.png")]
+    if isinstance(result, StableQuantResult):
+        plots.append((plot_wer_vs_cutoff, "wer_vs_cutoff.png"))
+    return write_outputs(out_dir, result, meta, quantize_markdown(result, meta), plots)
 
 
 def compare_markdown(table: dict) -> str:
