@@ -26,10 +26,12 @@ per-tensor activations and per-channel weights, as TensorRT deploys them.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -104,12 +106,12 @@ def layer_candidates(cal, num_bins: int, shifted: bool) -> dict[str, tuple[float
     return out
 
 
-def walk_ladder(labels: list[str], start: str, score) -> str:
-    """From ``start``, step along ``labels`` (ordered by amax) while ``score`` falls; the best reached."""
+def walk_ladder(labels: list[str], start: str, better) -> str:
+    """From ``start``, step along ``labels`` (ordered by amax) while ``better(next, current)``."""
     i = labels.index(start)
     for direction in (-1, 1):
         j = i
-        while 0 <= j + direction < len(labels) and score(labels[j + direction]) < score(labels[j]):
+        while 0 <= j + direction < len(labels) and better(labels[j + direction], labels[j]):
             j += direction
         if j != i:
             return labels[j]
@@ -131,14 +133,30 @@ class LogitDivergence:
             raise ValueError("the dev set produced no output frames")
 
     def __call__(self, logits: Sequence[torch.Tensor]) -> float:
+        return self.mean(self.batch_sums(logits))
+
+    def batch_sums(self, logits: Sequence[torch.Tensor]) -> list[float]:
+        """KL summed over each dev batch's frames, in global batch order (the paired units)."""
         if len(logits) != len(self.ref):
             raise ValueError(f"{len(logits)} outputs for {len(self.ref)} dev batches")
         sums = [(ref.exp() * (ref - F.log_softmax(out.float(), dim=-1))).sum() for ref, out in zip(self.ref, logits)]
         sums = torch.stack(sums).double().cpu().tolist() if sums else []  # one host sync per evaluation
+        return self.shard.per_batch(sums)
+
+    def mean(self, batch_sums: Sequence[float]) -> float:
         total = 0.0
-        for value in self.shard.per_batch(sums):
+        for value in batch_sums:
             total += value
         return total / self.frames
+
+    def clearly_lower(self, new: Sequence[float], old: Sequence[float]) -> bool:
+        """The one-standard-error rule: ``new`` is lower than ``old`` by more than the standard
+        error of the paired difference over dev batches, not just lower (noise would do that)."""
+        d = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+        if len(d) < 2:
+            return bool(d.sum() < 0)
+        se = math.sqrt(len(d) * d.var(ddof=1)) / self.frames
+        return d.sum() / self.frames < -se
 
 
 def distinct_candidates(amaxes: dict[str, float], num_bits: int) -> dict[str, float]:
@@ -199,7 +217,7 @@ def run_layerwise(
 
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
                                                   recipe="default")
-    for key in ("starts", "layers", "errors"):
+    for key in ("starts", "start_batches", "layer_batches", "errors"):
         state.data.setdefault(key, {})
     lap = clock.lap
     qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
@@ -264,7 +282,9 @@ def run_layerwise(
                 with folded_weight_quantizers(model):
                     logits = outputs(None)
                 errs = scorer.errors(logits)
-                state.data["starts"][key] = {"kl": divergence(logits), "wer": errs.wer}
+                sums = divergence.batch_sums(logits)
+                state.data["starts"][key] = {"kl": divergence.mean(sums), "wer": errs.wer}
+                state.data["start_batches"][key] = sums
                 state.data["errors"][key] = errs.to_json()
                 state.save()
 
@@ -281,7 +301,7 @@ def run_layerwise(
         chosen = {n: own_label(n, start_label) for n in acts}
         for n in acts:
             apply(n, chosen[n])
-        current_kl = starts[start]["kl"]
+        current_batches = state.data["start_batches"][start]
         lap("starts")
 
         # The best candidate per activation quantizer, in model order (prefix before it cached):
@@ -291,17 +311,20 @@ def run_layerwise(
         with folded_weight_quantizers(model):
             for n in tqdm(list(acts), desc="per-layer calibrator search", disable=not progress):
                 layer = n.rsplit(".", 1)[0]
-                done = state.data["layers"].setdefault(n, {})
-                kl = {chosen[n]: current_kl}
+                done = state.data["layer_batches"].setdefault(n, {})
+                per_batch = {chosen[n]: current_batches}
 
-                def score(label: str) -> float:
-                    if label not in kl:
+                def batches_of(label: str) -> list[float]:
+                    if label not in per_batch:
                         if label not in done:
                             apply(n, label)
-                            done[label] = divergence(outputs(layer))
+                            done[label] = divergence.batch_sums(outputs(layer))
                             state.save()
-                        kl[label] = done[label]
-                    return kl[label]
+                        per_batch[label] = done[label]
+                    return per_batch[label]
+
+                def better(new: str, old: str) -> bool:
+                    return divergence.clearly_lower(batches_of(new), batches_of(old))
 
                 def ladder(shifted: bool) -> list[str]:
                     same = {k: a for k, (a, _) in candidates[n].items() if k.endswith(SHIFT) == shifted}
@@ -310,15 +333,16 @@ def run_layerwise(
                         kept.setdefault(chosen[n], same[chosen[n]])
                     return sorted(kept, key=kept.get)
 
-                best = walk_ladder(ladder(chosen[n].endswith(SHIFT)), chosen[n], score)
+                best = walk_ladder(ladder(chosen[n].endswith(SHIFT)), chosen[n], better)
                 if n in shiftable:
                     twin = best.removesuffix(SHIFT) if best.endswith(SHIFT) else best + SHIFT
-                    if score(twin) < score(best):
+                    if better(twin, best):
                         other = ladder(twin.endswith(SHIFT))
                         best = walk_ladder(other if twin in other else sorted([*other, twin],
-                                           key=lambda k: candidates[n][k][0]), twin, score)
-                chosen[n], current_kl = best, kl[best]
+                                           key=lambda k: candidates[n][k][0]), twin, better)
+                chosen[n], current_batches = best, per_batch[best]
                 apply(n, best)
+                kl = {label: divergence.mean(v) for label, v in per_batch.items()}
                 layers.append(LayerChoice(n, layer, kinds.get(layer, "other"), best, *candidates[n][best], kl))
         runner.clear()
         lap("layers")
