@@ -12,7 +12,8 @@ What it adds to the paper (``--recipe paper``, :mod:`recipes.stablequant`):
    with per-channel MSE-optimal weights; the lowest dev KL is the start.
 3. **The best calibrator per layer.** Then, in model order, each activation quantizer walks its
    candidate scales from its one histogram (max, percentiles, MSE, entropy, StableQuant cut-off +
-   MSE at several p), ordered by amax, from the current one while the dev KL falls, with every
+   MSE at several p), ordered by amax, from the current one while the dev KL falls by more than
+   one standard error of the paired per-batch difference (lower by noise is not lower), with every
    other layer quantized as currently chosen. The prefix cache (:class:`recipes.reuse.PrefixRunner`)
    serves the already decided layers before it, so each candidate costs one suffix forward. The
    score never rises: the result is at most the best uniform baseline's dev KL.
@@ -305,7 +306,7 @@ def run_layerwise(
         lap("starts")
 
         # The best candidate per activation quantizer, in model order (prefix before it cached):
-        # walk the ladder of its current kind (plain or shifted) by amax while the dev KL falls,
+        # walk the ladder of its current kind (plain or shifted) by amax while the dev KL clearly falls,
         # then try the other kind of the winner and walk that ladder if it is better.
         layers = []
         with folded_weight_quantizers(model):
