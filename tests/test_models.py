@@ -230,3 +230,36 @@ def test_missing_dir_and_unknown_name(tmp_path):
 
 def test_resolve_model_directory(saved):
     assert resolve_model(str(saved)).arch == "Wav2Vec2ForCTC"
+
+
+def test_save_pretrained_directory_transcribes_like_a_plain_transformers_script(tmp_path):
+    """A directory written by the installed transformers' own save_pretrained (model + processor,
+    whatever layout this version writes) gives the transcripts a plain script gets: greedy CTC,
+    one utterance at a time, through Wav2Vec2Processor."""
+    import soundfile as sf
+    from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+
+    from recipes.asr import transcribe
+    from recipes.data import make_batches, open_dataset
+    from recipes.demo import DEMO_MODEL_DIR, demo_data
+
+    model = Wav2Vec2ForCTC.from_pretrained(DEMO_MODEL_DIR).eval()
+    processor = Wav2Vec2Processor.from_pretrained(DEMO_MODEL_DIR)
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    tsv = demo_data("test")
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()[:6]]
+    plain = []
+    for rel, _ in rows:
+        wav, sr = sf.read(tsv.parent / rel, dtype="float32")
+        inputs = processor(wav, sampling_rate=sr, return_tensors="pt")
+        with torch.no_grad():
+            ids = model(inputs.input_values).logits.argmax(-1)[0]
+        plain.append(processor.decode(ids))
+    sm = load_ctc_model(out)
+    subset = list(open_dataset(tsv))[:6]
+    assert [str(u.path) for u in subset] == [str(tsv.parent / rel) for rel, _ in rows]
+    batches = make_batches(subset, sm)
+    ours = dict(zip([i for b in batches for i in b.ids], transcribe(sm, batches, progress=False)))
+    assert [ours[u.id] for u in subset] == plain and any(plain)

@@ -260,8 +260,11 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
     has_bin = any(directory.glob("pytorch_model*.bin"))
     if not (has_safetensors or has_bin):
         raise FileNotFoundError(f"{directory}: no weights (model.safetensors or pytorch_model.bin)")
-    pre = _preprocessor_config(directory)
-    vocab, blank_id, delimiter = _load_vocab(directory)
+    # our readers first: a missing or broken file gets an error naming it; then the values come
+    # from transformers' own AutoTokenizer / AutoFeatureExtractor, as a plain transformers script sees them
+    _preprocessor_config(directory)
+    _load_vocab(directory)
+    fields = _processor_fields(*_transformers_processor(directory))
 
     model_cls = getattr(transformers, SUPPORTED_ARCHS[arch][0])
     if has_safetensors and _has_folded_weight_norm(directory):
@@ -282,16 +285,40 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks weights for {len(missing)} parameters, "
                          f"e.g. {sorted(missing)[:5]}")
-    if model.config.vocab_size != len(vocab):
-        log.warning("%s: lm_head has %d outputs but vocab.json has %d tokens",
-                    directory, model.config.vocab_size, len(vocab))
-    return SpeechModel(
-        model=model.eval(), arch=arch, vocab=vocab, blank_id=blank_id, word_delimiter=delimiter,
-        sampling_rate=int(pre.get("sampling_rate", 16000)),
-        do_normalize=bool(pre.get("do_normalize", True)),
-        return_attention_mask=bool(pre.get("return_attention_mask", False)),
-        name=directory.name, source=str(directory), family="huggingface",
-    )
+    if model.config.vocab_size != len(fields["vocab"]):
+        log.warning("%s: lm_head has %d outputs but the tokenizer has %d tokens",
+                    directory, model.config.vocab_size, len(fields["vocab"]))
+    return SpeechModel(model=model.eval(), arch=arch, **fields, name=directory.name, source=str(directory),
+                       family="huggingface")
+
+
+def _transformers_processor(directory: Path):
+    """(tokenizer, feature extractor) read by transformers itself (either directory layout)."""
+    from transformers import AutoFeatureExtractor, AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            return (AutoTokenizer.from_pretrained(directory, local_files_only=True),
+                    AutoFeatureExtractor.from_pretrained(directory, local_files_only=True))
+        except Exception as e:  # an unknown tokenizer class, a bad config value, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{directory}: transformers cannot load its tokenizer / feature extractor "
+                             f"({first[:200]})") from None
+
+
+def _processor_fields(tokenizer, fe) -> dict:
+    """The SpeechModel fields a CTC tokenizer and feature extractor define."""
+    ids = tokenizer.get_vocab()
+    vocab = [f"<unused_{i}>" for i in range(max(ids.values()) + 1)]
+    for token, i in ids.items():
+        vocab[i] = token
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__}: no pad token (the CTC blank)")
+    return dict(vocab=vocab, blank_id=int(tokenizer.pad_token_id),
+                word_delimiter=getattr(tokenizer, "word_delimiter_token", "|") or "|",
+                sampling_rate=int(getattr(fe, "sampling_rate", 16000)),
+                do_normalize=bool(getattr(fe, "do_normalize", True)),
+                return_attention_mask=bool(getattr(fe, "return_attention_mask", False)))
 
 
 # ----------------------------------------------------------------------------- the family
@@ -320,20 +347,10 @@ class HFCTCFamily(SpeechFamily):
         """An in-memory HF CTC model and its processor (or tokenizer) for the vocabulary."""
         if processor is None:
             raise ValueError("an in-memory model needs its processor (or tokenizer) for the vocabulary")
-        tokenizer = getattr(processor, "tokenizer", processor)
-        fe = getattr(processor, "feature_extractor", None)
-        ids = tokenizer.get_vocab()
-        vocab = [""] * (max(ids.values()) + 1)
-        for token, i in ids.items():
-            vocab[i] = token
-        return SpeechModel(
-            model=remove_weight_norm(model).eval(), arch=type(model).__name__, vocab=vocab,
-            blank_id=int(tokenizer.pad_token_id),
-            word_delimiter=getattr(tokenizer, "word_delimiter_token", "|") or "|",
-            sampling_rate=int(getattr(fe, "sampling_rate", 16000)),
-            do_normalize=bool(getattr(fe, "do_normalize", True)),
-            return_attention_mask=bool(getattr(fe, "return_attention_mask", False)),
-            name=type(model).__name__, family=self.name)
+        fields = _processor_fields(getattr(processor, "tokenizer", processor),
+                                   getattr(processor, "feature_extractor", None))
+        return SpeechModel(model=remove_weight_norm(model).eval(), arch=type(model).__name__, **fields,
+                           name=type(model).__name__, family=self.name)
 
     def claims_module(self, model: nn.Module) -> bool:
         # duck-typed: any module with the HF CTC interface (``.logits`` output and the frame-count
