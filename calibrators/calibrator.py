@@ -100,14 +100,25 @@ class HistogramCalibratorBase(_Calibrator):
 
     def compute_amax(self) -> torch.Tensor:
         """Amax as a float32 scalar tensor on the device the data was collected on."""
-        upper = self._search(*self._checked_inputs())
-        return self._as_tensor(search.shifted_range(upper, self.signed_min)[0] if self._shift else upper)
+        return self._as_tensor(self._range(*self._checked_inputs(), self._min_if_shifted())[0])
 
     def compute_bias(self) -> torch.Tensor | None:
         """The shift to subtract before quantizing (``shift=True``), else None."""
         if not self._shift:
             return None
-        return self._as_tensor(search.shifted_range(self._search(*self._checked_inputs()), self.signed_min)[1])
+        return self._as_tensor(self._range(*self._checked_inputs(), self.signed_min)[1])
+
+    def _min_if_shifted(self) -> float | None:
+        return self.signed_min if self._shift else None
+
+    def _range(self, counts, edges, amax, signed_min: float | None) -> tuple[float, float | None]:
+        """(amax, shift) this calibrator picks on a histogram; shift None for a symmetric range."""
+        upper = float(self._search(counts, edges, amax))
+        if not self._shift:
+            return upper, None
+        if signed_min is None:
+            raise ValueError(f"{type(self).__name__}(shift=True) needs the data's signed_min")
+        return search.shifted_range(upper, signed_min)
 
     def _as_tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self._hist.device)
@@ -123,12 +134,8 @@ class HistogramCalibratorBase(_Calibrator):
         if histogram.total == 0:
             raise ValueError(f"{type(self).__name__}: the histogram is empty")
         search._check_bits(self._num_bits)
-        upper = float(self._search(histogram.counts_numpy(), histogram.edges(), histogram.amax))
-        if not self._shift:
-            return upper
-        if signed_min is None:
-            raise ValueError(f"{type(self).__name__}(shift=True).search needs the data's signed_min")
-        return search.shifted_range(upper, signed_min)
+        amax, shift = self._range(histogram.counts_numpy(), histogram.edges(), histogram.amax, signed_min)
+        return amax if shift is None else (amax, shift)
 
     def __repr__(self):
         return f"{type(self).__name__}({super().__repr__()} {self._hist!r})"
