@@ -10,6 +10,7 @@ Sessions come from recipes.onnx_runner.make_session, as `stablequant eval --onnx
 (int8 convs lowered to ORT's integer GEMM in memory; the fp32 file is untouched).
 
     python benchmarks/bench_export.py [--runs 10] [--seconds 10] [--threads 1] [--skip-demo]
+                                      [--attention-bmm]
 """
 
 from __future__ import annotations
@@ -109,8 +110,23 @@ def random_calibration(samples: int, batches: int = 3) -> list:
     return [torch.randn(1, samples, generator=gen) for _ in range(batches)]
 
 
-def quantize_int8(sm, calib: list):
-    """ModelOpt INT8 default config with max calibration over `calib` input tensors."""
+def int8_config(attention_bmm: bool = False) -> dict:
+    """ModelOpt's INT8 default config; with ``attention_bmm`` also Q, K and V of every attention
+    (ModelOpt's HF attention q/k/v_bmm_quantizers, per tensor): the BMM inputs TensorRT's int8
+    MHA takes. (P, the softmax output, has no int8 path in ModelOpt 0.47's attention wrapper.)"""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    if attention_bmm:
+        cfg["quant_cfg"].append({"quantizer_name": "*[qkv]_bmm_quantizer",
+                                 "cfg": {"num_bits": 8, "axis": None}})
+    return cfg
+
+
+def quantize_int8(sm, calib: list, attention_bmm: bool = False):
+    """INT8 (see int8_config) with max calibration over `calib` input tensors."""
     import torch
 
     import modelopt.torch.quantization as mtq
@@ -123,18 +139,22 @@ def quantize_int8(sm, calib: list):
             for x in calib:
                 model(x)
 
-    mtq.quantize(sm.model, mtq.INT8_DEFAULT_CFG, forward_loop)
+    mtq.quantize(sm.model, int8_config(attention_bmm), forward_loop)
     return sm
 
 
-def export_pair(make_model, calib: list, workdir: Path, tag: str):
-    """fp32 and int8 Q/DQ exports of the same weights, plus the torch fake-quant model."""
+def export_pair(make_model, calib: list, workdir: Path, tag: str, attention_bmm: bool = False):
+    """fp32 and int8 Q/DQ exports of the same weights, plus the torch fake-quant model; with
+    ``attention_bmm`` a third file whose attention BMM inputs are quantized too."""
     from recipes.export import export_onnx
 
     paths = {"fp32": workdir / f"{tag}_fp32.onnx", "int8": workdir / f"{tag}_int8.onnx"}
     export_onnx(make_model(), paths["fp32"], allow_fp32=True)
     quantized = quantize_int8(make_model(), calib)
     export_onnx(quantized, paths["int8"])
+    if attention_bmm:
+        paths["int8_attention_bmm"] = workdir / f"{tag}_int8_bmm.onnx"
+        export_onnx(quantize_int8(make_model(), calib, attention_bmm=True), paths["int8_attention_bmm"])
     return paths, quantized
 
 
@@ -142,7 +162,7 @@ def bench_model(tag: str, make_model, calib: list, args, workdir: Path, wer_data
     """Export both precisions, then time, size and memory them (and WER if given data)."""
     samples = int(args.seconds * 16000)
     t0 = time.perf_counter()
-    paths, quantized = export_pair(make_model, calib, workdir, tag)
+    paths, quantized = export_pair(make_model, calib, workdir, tag, args.attention_bmm)
     export_s = time.perf_counter() - t0
     latency = time_sessions(paths, samples, args.runs, args.warmup, args.threads, args.opt_level)
     memory = {k: peak_memory(p, samples, args.threads, args.opt_level) for k, p in paths.items()}
@@ -157,6 +177,9 @@ def bench_model(tag: str, make_model, calib: list, args, workdir: Path, wer_data
         "latency_ratio_of_min": latency["fp32"]["min_ms"] / latency["int8"]["min_ms"],
         "memory_ratio": memory["fp32"]["peak_increase_mib"] / memory["int8"]["peak_increase_mib"],
     }
+    if "int8_attention_bmm" in latency:
+        row["latency_ratio_attention_bmm"] = (latency["fp32"]["median_ms"]
+                                              / latency["int8_attention_bmm"]["median_ms"])
     if wer_data is not None:
         from recipes.onnx_runner import run_eval_onnx
 
@@ -207,6 +230,10 @@ def print_table(rows: list[dict]) -> None:
               + (f"   WER fp32 {r['wer']['fp32']:.2f} % / int8 {r['wer']['int8']:.2f} % "
                  f"(torch fake-quant {r['wer']['int8_torch_fake_quant']:.2f} %)"
                  if "wer" in r else ""))
+        if "latency_ratio_attention_bmm" in r:
+            print(f"{'  + attention BMM Q/K/V':<22}{'':>9}"
+                  f"{r['latency_ms']['int8_attention_bmm']['median_ms']:>9.1f}"
+                  f"{r['latency_ratio_attention_bmm']:>8.2f}x")
 
 
 def main(argv=None) -> int:
@@ -224,6 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="base", choices=["tiny", "base", "large"],
                    help="shape of the random-weight model")
     p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--attention-bmm", action="store_true",
+                   help="also time an int8 file with the attention BMM inputs (Q, K, V) quantized")
     p.add_argument("--demo-limit", type=int, default=40,
                    help="demo utterances for calibration and for the WER check")
     p.add_argument("--keep", action="store_true", help="keep the .onnx files in --workdir")

@@ -40,10 +40,8 @@ def _attrs(node) -> dict:
 
 
 def _qdq_conv_parts(conv, producers, consts):
-    """(float input, x scale, int8 weight, w scale, bias) of a plain 1-D DQ->Conv, else None."""
-    attrs = _attrs(conv)
-    if attrs.get("group", 1) != 1 or any(attrs.get("pads", [0])) or \
-            any(d != 1 for d in attrs.get("dilations", [1])):
+    """(float input, x scale, int8 weight, w scale, bias) of a 1-D DQ->Conv, else None."""
+    if any(d != 1 for d in _attrs(conv).get("dilations", [1])):
         return None
     x_dq, w_dq = producers.get(conv.input[0]), producers.get(conv.input[1])
     if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or \
@@ -55,7 +53,8 @@ def _qdq_conv_parts(conv, producers, consts):
         weight = weight.astype(np.int8)
     sx = consts.get(x_dq.input[1])
     if x_q is None or x_q.op_type != "QuantizeLinear" or weight is None or weight.ndim != 3 or \
-            sx is None or sx.size != 1 or weight.dtype != np.int8:
+            sx is None or sx.size != 1 or weight.dtype != np.int8 or len(x_dq.input) > 2 and \
+            np.any(consts.get(x_dq.input[2], 1) != 0):
         return None
     if weight.shape[1] * weight.shape[2] < MIN_IM2COL_DEPTH:
         return None
@@ -63,17 +62,97 @@ def _qdq_conv_parts(conv, producers, consts):
     return x_q.input[0], x_dq.input[1], weight, consts[w_dq.input[1]], bias
 
 
+def _initializer(prefix: str, new_inits: list):
+    """init(name, value) -> the name of a new initializer `prefix/name` holding `value`."""
+    from onnx import numpy_helper
+
+    def init(name, value):
+        new_inits.append(numpy_helper.from_array(np.asarray(value), f"{prefix}/{name}"))
+        return f"{prefix}/{name}"
+
+    return init
+
+
+def _im2col_nodes(conv, attrs, parts, consts, new_inits) -> list:
+    """Q(x, zp 128) -> [B,T,C] uint8 taps -> MatMulIntegerToFloat (+bias) -> [B,C,T]."""
+    from onnx import helper
+
+    x_float, sx_name, weight, sw, bias = parts
+    cout, cin, kernel = weight.shape
+    stride = attrs.get("strides", [1])[0]
+    p = f"{conv.name or conv.output[0]}/ort_int8"
+    init = _initializer(p, new_inits)
+    zp_u8 = init("x_zero_point", np.array(128, dtype=np.uint8))
+    # rows of the im2col weight: kernel tap major, then input channel (matches the Concat)
+    w_cols = init("w_cols", np.ascontiguousarray(weight.transpose(2, 1, 0).reshape(kernel * cin, cout)))
+    sw_vec = init("w_scale", np.broadcast_to(np.asarray(sw, np.float32).reshape(-1), (cout,)).copy())
+    nodes = [helper.make_node("QuantizeLinear", [x_float, sx_name, zp_u8], [f"{p}/x_u8"]),
+             helper.make_node("Transpose", [f"{p}/x_u8"], [f"{p}/x_t"], perm=[0, 2, 1])]
+    taps = []
+    for k in range(kernel):
+        starts, ends = init(f"start{k}", np.array([k])), init(f"end{k}", np.array([2**62]))
+        axes, steps = init(f"axes{k}", np.array([1])), init(f"step{k}", np.array([stride]))
+        nodes.append(helper.make_node("Slice", [f"{p}/x_t", starts, ends, axes, steps],
+                                      [f"{p}/tap{k}"]))
+        taps.append(f"{p}/tap{k}")
+    if kernel > 1:  # earlier taps are up to one frame longer: cut them to the last one's length
+        nodes.append(helper.make_node("Shape", [taps[-1]], [f"{p}/frames"], start=1, end=2))
+        zero, axis1 = init("zero", np.array([0])), init("axis1", np.array([1]))
+        for k in range(kernel - 1):
+            nodes.append(helper.make_node("Slice", [taps[k], zero, f"{p}/frames", axis1],
+                                          [f"{p}/tap{k}_cut"]))
+            taps[k] = f"{p}/tap{k}_cut"
+        nodes.append(helper.make_node("Concat", taps, [f"{p}/cols"], axis=2))
+        cols = f"{p}/cols"
+    else:
+        cols = taps[0]
+    mm_inputs = [cols, w_cols, sx_name, sw_vec, zp_u8, ""]
+    if bias is not None:
+        mm_inputs.append(init("bias", np.asarray(bias, np.float32)))
+    return nodes + [helper.make_node("MatMulIntegerToFloat", mm_inputs, [f"{p}/y"], domain="com.microsoft"),
+                    helper.make_node("Transpose", [f"{p}/y"], [conv.output[0]], perm=[0, 2, 1])]
+
+
+def _conv_integer_nodes(conv, attrs, parts, consts, new_inits) -> list:
+    """Q(x, zp 128) -> ConvInteger(uint8 w, zp 128) -> Cast * (sx * sw) (+ bias), same attributes."""
+    from onnx import TensorProto, helper
+
+    x_float, sx_name, weight, sw, bias = parts
+    cout = weight.shape[0]
+    p = f"{conv.name or conv.output[0]}/ort_int8"
+    init = _initializer(p, new_inits)
+    zp_u8 = init("zero_point", np.array(128, dtype=np.uint8))
+    w_u8 = init("w_u8", (weight.astype(np.int16) + 128).astype(np.uint8))
+    scale = np.asarray(consts[sx_name], np.float64) * np.broadcast_to(
+        np.asarray(sw, np.float64).reshape(-1), (cout,))
+    keep = {k: v for k, v in attrs.items() if k in ("group", "pads", "strides", "kernel_shape")}
+    nodes = [helper.make_node("QuantizeLinear", [x_float, sx_name, zp_u8], [f"{p}/x_u8"]),
+             helper.make_node("ConvInteger", [f"{p}/x_u8", w_u8, zp_u8, zp_u8], [f"{p}/acc"], **keep),
+             helper.make_node("Cast", [f"{p}/acc"], [f"{p}/acc_f"], to=TensorProto.FLOAT)]
+    out = conv.output[0]
+    scaled = f"{p}/scaled" if bias is not None else out
+    nodes.append(helper.make_node("Mul", [f"{p}/acc_f", init("scale", scale.astype(np.float32).reshape(1, cout, 1))],
+                                  [scaled]))
+    if bias is not None:
+        nodes.append(helper.make_node("Add", [scaled, init("bias", np.asarray(bias, np.float32).reshape(1, cout, 1))],
+                                      [out]))
+    return nodes
+
+
 def lower_qdq_conv_for_ort(proto) -> int:
-    """Rewrite each int8 DQ->Conv1d as uint8 im2col + MatMulIntegerToFloat, in memory.
+    """Rewrite each int8 DQ->Conv1d as an integer conv with float output, in memory.
 
     ORT's CPU EP fuses Q/DQ around MatMul into an integer GEMM, but Conv only when the conv
     output is quantized too (QLinearConv), which a faithful export of ModelOpt's fake-quant
-    never has; so the wav2vec2 CNN front end, ~35% of the work, would run in fp32. The integer
-    GEMM is only fast for uint8 activations (MLAS u8s8), so x is re-quantized with zero point
-    128, which is the same integer grid shifted. Exact: int32 accumulation, then scale as DQ.
+    never has; so the wav2vec2 CNN front end (~35% of the work) and the grouped positional conv
+    (~4%) would run in fp32. MLAS's integer kernels are only fast for uint8 activations, so x is
+    re-quantized with zero point 128: the same integer grid shifted. Plain strided convs become
+    uint8 im2col + MatMulIntegerToFloat; grouped or padded ones become ConvInteger, whose fast
+    path also wants uint8 weights (int8 + 128, zero point 128; measured 8x slower with int8
+    weights), then Cast * (sx * sw) + bias. Exact: int32 accumulation, then the DQ scales.
     The .onnx file itself stays plain Q/DQ (TensorRT reads it as is). Returns convs lowered.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = proto.graph
     consts = constant_values(graph)
@@ -83,45 +162,10 @@ def lower_qdq_conv_for_ort(proto) -> int:
         parts = _qdq_conv_parts(conv, producers, consts) if conv.op_type == "Conv" else None
         if parts is None:
             continue
-        x_float, sx_name, weight, sw, bias = parts
-        cout, cin, kernel = weight.shape
-        stride = _attrs(conv).get("strides", [1])[0]
-        p = f"{conv.name or conv.output[0]}/ort_int8"
-
-        def init(name, value):
-            new_inits.append(numpy_helper.from_array(np.asarray(value), f"{p}/{name}"))
-            return f"{p}/{name}"
-
-        zp_u8 = init("x_zero_point", np.array(128, dtype=np.uint8))
-        # rows of the im2col weight: kernel tap major, then input channel (matches the Concat)
-        w_cols = init("w_cols", np.ascontiguousarray(weight.transpose(2, 1, 0).reshape(kernel * cin, cout)))
-        sw_vec = init("w_scale", np.broadcast_to(np.asarray(sw, np.float32).reshape(-1), (cout,)).copy())
-        nodes = [helper.make_node("QuantizeLinear", [x_float, sx_name, zp_u8], [f"{p}/x_u8"]),
-                 helper.make_node("Transpose", [f"{p}/x_u8"], [f"{p}/x_t"], perm=[0, 2, 1])]
-        taps = []
-        for k in range(kernel):
-            starts, ends = init(f"start{k}", np.array([k])), init(f"end{k}", np.array([2**62]))
-            axes, steps = init(f"axes{k}", np.array([1])), init(f"step{k}", np.array([stride]))
-            nodes.append(helper.make_node("Slice", [f"{p}/x_t", starts, ends, axes, steps],
-                                          [f"{p}/tap{k}"]))
-            taps.append(f"{p}/tap{k}")
-        if kernel > 1:  # earlier taps are up to one frame longer: cut them to the last one's length
-            nodes.append(helper.make_node("Shape", [taps[-1]], [f"{p}/frames"], start=1, end=2))
-            zero, axis1 = init("zero", np.array([0])), init("axis1", np.array([1]))
-            for k in range(kernel - 1):
-                nodes.append(helper.make_node("Slice", [taps[k], zero, f"{p}/frames", axis1],
-                                              [f"{p}/tap{k}_cut"]))
-                taps[k] = f"{p}/tap{k}_cut"
-            nodes.append(helper.make_node("Concat", taps, [f"{p}/cols"], axis=2))
-            cols = f"{p}/cols"
-        else:
-            cols = taps[0]
-        mm_inputs = [cols, w_cols, sx_name, sw_vec, zp_u8, ""]
-        if bias is not None:
-            mm_inputs.append(init("bias", np.asarray(bias, np.float32)))
-        nodes += [helper.make_node("MatMulIntegerToFloat", mm_inputs, [f"{p}/y"], domain="com.microsoft"),
-                  helper.make_node("Transpose", [f"{p}/y"], [conv.output[0]], perm=[0, 2, 1])]
-        new_nodes[id(conv)] = nodes
+        attrs = _attrs(conv)
+        plain = attrs.get("group", 1) == 1 and not any(attrs.get("pads", [0]))
+        build = _im2col_nodes if plain else _conv_integer_nodes
+        new_nodes[id(conv)] = build(conv, attrs, parts, consts, new_inits)
         lowered += 1
     if not lowered:
         return 0

@@ -146,6 +146,18 @@ def test_int8_weights_reproduce_torch_fake_quant(int8):
         np.testing.assert_allclose(ints * scale, fake, rtol=1e-5, atol=1e-7)
 
 
+def test_no_attention_mask_is_traced(int8):
+    """The export has no mask input: no all-valid mask may be built (Range/Where/Expand) and
+    added to the attention scores; test_ort_matches_torch_fake_quant_* checks the logits."""
+    sm, _, proto = int8
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"Range", "Where", "Expand", "IsNaN"}, ops
+    softmax_inputs = {n.input[0] for n in proto.graph.node if n.op_type == "Softmax"}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    assert {producers[i].op_type for i in softmax_inputs} == {"Mul"}  # scores * scale, no + mask
+    assert sm.model.config._attn_implementation == "sdpa"  # restored after the export
+
+
 def test_opset_checker_and_metadata(int8):
     sm, path, proto = int8
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -205,21 +217,26 @@ def test_ort_matches_torch_fake_quant_on_dynamic_shapes(int8):
     assert_close_to_torch(sm, path, [(1, 8000), (3, 21_337)])
 
 
-def test_ort_conv_lowering_is_the_exact_integer_conv():
-    """uint8 im2col + MatMulIntegerToFloat == sum_k (w_k * sw) @ (q(x)_k * sx), to float rounding."""
+@pytest.mark.parametrize("group,pad,stride", [(1, 0, 2), (4, 3, 1)])
+def test_ort_conv_lowering_is_the_exact_integer_conv(group, pad, stride):
+    """Lowered conv == sum_k (w_k * sw) @ (q(x)_k * sx) on the zero-padded input, per group, to
+    float rounding: the plain strided conv (im2col + MatMulIntegerToFloat) and the grouped,
+    padded one (ConvInteger, as wav2vec2's positional conv)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
-    cout, cin, kernel, stride = 8, 32, 3, 2
-    w = rng.integers(-127, 128, (cout, cin, kernel)).astype(np.int8)
+    cout, cin, kernel = 8, 32 * group, 3  # depth per group 96 >= MIN_IM2COL_DEPTH
+    w = rng.integers(-127, 128, (cout, cin // group, kernel)).astype(np.int8)
+    w[0, 0, 0], w[1, 0, 0] = -128, 127  # both ends of the int8 range
     sw, sx = rng.uniform(0.01, 0.02, cout).astype(np.float32), np.float32(0.05)
     bias = rng.normal(size=cout).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
          helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
          helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=0),
-         helper.make_node("Conv", ["xd", "wd", "b"], ["y"], strides=[stride], name="conv")], "g",
+         helper.make_node("Conv", ["xd", "wd", "b"], ["y"], strides=[stride], group=group,
+                          pads=[pad, pad], name="conv")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cin, None])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(sw, "sw"),
@@ -230,13 +247,18 @@ def test_ort_conv_lowering_is_the_exact_integer_conv():
     assert lower_qdq_conv_for_ort(model) == 1
     assert not any(n.op_type == "Conv" for n in model.graph.node)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    cg, og = cin // group, cout // group
     for length in (41, 42):  # both parities of (L - kernel) / stride
         x = rng.standard_normal((2, cin, length)).astype(np.float32)
+        x[0, 0, 0] = 100.0  # saturates at 127
         y = sess.run(None, {"x": x})[0]
         xq = np.clip(np.rint(x / sx), -128, 127) * np.float64(sx)
-        frames = (length - kernel) // stride + 1
-        ref = sum(np.einsum("oc,bct->bot", w[:, :, k] * sw[:, None].astype(np.float64),
-                            xq[:, :, k::stride][:, :, :frames]) for k in range(kernel))
+        xq = np.pad(xq, ((0, 0), (0, 0), (pad, pad)))
+        frames = (length + 2 * pad - kernel) // stride + 1
+        ref = np.concatenate([
+            sum(np.einsum("oc,bct->bot", w[g * og:(g + 1) * og, :, k] * sw[g * og:(g + 1) * og, None].astype(np.float64),
+                          xq[:, g * cg:(g + 1) * cg, k::stride][:, :, :frames]) for k in range(kernel))
+            for g in range(group)], axis=1)
         ref += bias[None, :, None]
         assert y.shape == (2, cout, frames)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
@@ -245,9 +267,9 @@ def test_ort_conv_lowering_is_the_exact_integer_conv():
 def test_runner_lowers_the_cnn_front_end(int8):
     _, path, proto = int8
     proto = copy.deepcopy(proto)
-    # 6 of the 7 CNN convs: the 1-channel waveform conv is too shallow to gain, and the grouped,
-    # padded positional conv is left to ORT's fp32 kernel.
-    assert lower_qdq_conv_for_ort(proto) == 6
+    # 6 of the 7 CNN convs (the 1-channel waveform conv is too shallow to gain) and the grouped,
+    # padded positional conv.
+    assert lower_qdq_conv_for_ort(proto) == 7
 
 
 # ----------------------------------------------------------------------------- W6 container

@@ -98,7 +98,7 @@ def test_w4_onnx_runs_in_ort_like_torch_and_is_smaller(w4):
     weight_bytes = sum(int(np.prod(i.dims)) for i in proto.graph.initializer if i.data_type == TensorProto.INT4)
     assert int8_info["size_bytes"] - info["size_bytes"] >= 0.45 * weight_bytes  # half a byte saved per weight
     assert "INT4" in read_metadata(info["path"])["container_note"]
-    assert lower_qdq_conv_for_ort(onnx.load(info["path"])) == 6  # the CNN still gets the integer GEMM
+    assert lower_qdq_conv_for_ort(onnx.load(info["path"])) == 7  # the CNN and pos conv still get integer kernels
 
 
 def test_graph_with_changed_ops_keeps_int8_container():

@@ -379,18 +379,46 @@ class HFCTCFamily(SpeechFamily):
 
     @contextlib.contextmanager
     def export_context(self, model):
-        """Trace HF's eager attention: SDPA exports an all-zero mask Add and an IsNaN/Where pair per
-        layer that cost ~5% of CPU run time and mean nothing for an unmasked encoder."""
+        """Trace HF's eager attention with no mask: the export has no mask input, yet SDPA exports
+        an all-zero mask Add and an IsNaN/Where pair per layer, and eager (transformers 5) an
+        all-zero [T, T] mask Add per layer (~1 ms each at 10 s on one core)."""
         config = getattr(model, "config", None)
         previous = getattr(config, "_attn_implementation", None)
-        if previous in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_no_mask_when_unmasked(model))
+            if previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("eager")
+                stack.callback(model.set_attn_implementation, previous)
             yield
-            return
-        model.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def _no_mask_when_unmasked(model):
+    """Make `create_bidirectional_mask(attention_mask=None)` return None in the model's modules.
+
+    Workaround: transformers 5 materialises the all-valid mask whenever it is traced
+    (masking_utils skips it only outside tracing); remove when it skips it while tracing too.
+    Eager attention adds no mask when given None, so the logits are unchanged.
+    """
+    import sys
+
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
+    patched = [(mod, mod.create_bidirectional_mask) for mod in modules
+               if mod is not None and callable(getattr(mod, "create_bidirectional_mask", None))]
+
+    def wrap(original):
+        def create_bidirectional_mask(*args, **kwargs):
+            mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+            return None if mask is None else original(*args, **kwargs)
+        return create_bidirectional_mask
+
+    for mod, original in patched:
+        mod.create_bidirectional_mask = wrap(original)
+    try:
+        yield
+    finally:
+        for mod, original in patched:
+            mod.create_bidirectional_mask = original
 
 
 FAMILY = HFCTCFamily()
