@@ -10,7 +10,7 @@ Sessions come from recipes.onnx_runner.make_session, as `stablequant eval --onnx
 (int8 convs lowered to ORT's integer GEMM in memory; the fp32 file is untouched).
 
     python benchmarks/bench_export.py [--runs 10] [--seconds 10] [--threads 1] [--skip-demo]
-                                      [--attention-bmm]
+                                      [--attention-bmm] [--profile]
 """
 
 from __future__ import annotations
@@ -102,6 +102,30 @@ def time_sessions(paths: dict[str, Path], samples: int, runs: int, warmup: int, 
             for k, t in times.items()}
 
 
+def op_profile(path: Path, samples: int, threads: int, level: str, runs: int = 3) -> dict[str, float]:
+    """Kernel ms per run by op type (ORT's profiler, first run dropped), largest first."""
+    import collections
+
+    from recipes.onnx_runner import make_session
+
+    opts = session_options(threads, level)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.with_suffix(""))
+    sess = make_session(path, session_options=opts)
+    x = np.random.default_rng(0).standard_normal((1, samples)).astype(np.float32)
+    for _ in range(runs + 1):
+        sess.run(None, {"input_values": x})
+    trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    run_ends = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > run_ends[0]:
+            per_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    return {k: round(v, 2) for k, v in per_op.most_common()}
+
+
 def random_calibration(samples: int, batches: int = 3) -> list:
     """A few seeded random-audio batches: enough for max calibration when speed is the point."""
     import torch
@@ -177,6 +201,8 @@ def bench_model(tag: str, make_model, calib: list, args, workdir: Path, wer_data
         "latency_ratio_of_min": latency["fp32"]["min_ms"] / latency["int8"]["min_ms"],
         "memory_ratio": memory["fp32"]["peak_increase_mib"] / memory["int8"]["peak_increase_mib"],
     }
+    if args.profile:
+        row["op_ms"] = {k: op_profile(p, samples, args.threads, args.opt_level) for k, p in paths.items()}
     if "int8_attention_bmm" in latency:
         row["latency_ratio_attention_bmm"] = (latency["fp32"]["median_ms"]
                                               / latency["int8_attention_bmm"]["median_ms"])
@@ -216,6 +242,17 @@ def demo_inputs(model: str, limit: int):
     return ((lambda: resolve_model(model)), [b.input_values for b in calib], test), None
 
 
+def print_op_table(op_ms: dict[str, dict[str, float]], top: int = 12) -> None:
+    """Per-op-type kernel time of each file side by side (largest in the int8 file first)."""
+    names = list(op_ms)
+    key = op_ms.get("int8", op_ms[names[-1]])
+    order = sorted({k for v in op_ms.values() for k in v}, key=lambda k: -key.get(k, 0))
+    print(f"  {'op type (kernel ms)':<26}" + "".join(f"{n:>20}" for n in names))
+    for k in order[:top]:
+        print(f"  {k:<26}" + "".join(f"{op_ms[n].get(k, 0):>20.1f}" for n in names))
+    print(f"  {'total':<26}" + "".join(f"{sum(op_ms[n].values()):>20.1f}" for n in names))
+
+
 def print_table(rows: list[dict]) -> None:
     head = (f"{'model':<22}{'fp32 ms':>9}{'int8 ms':>9}{'speedup':>9}{'(min)':>7}{'fp32 MiB':>10}"
             f"{'int8 MiB':>10}{'size x':>8}{'fp32 RSS+':>11}{'int8 RSS+':>11}")
@@ -230,6 +267,8 @@ def print_table(rows: list[dict]) -> None:
               + (f"   WER fp32 {r['wer']['fp32']:.2f} % / int8 {r['wer']['int8']:.2f} % "
                  f"(torch fake-quant {r['wer']['int8_torch_fake_quant']:.2f} %)"
                  if "wer" in r else ""))
+        if "op_ms" in r:
+            print_op_table(r["op_ms"])
         if "latency_ratio_attention_bmm" in r:
             print(f"{'  + attention BMM Q/K/V':<22}{'':>9}"
                   f"{r['latency_ms']['int8_attention_bmm']['median_ms']:>9.1f}"
@@ -251,6 +290,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="base", choices=["tiny", "base", "large"],
                    help="shape of the random-weight model")
     p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also report kernel time per op type of each file (ORT profiler)")
     p.add_argument("--attention-bmm", action="store_true",
                    help="also time an int8 file with the attention BMM inputs (Q, K, V) quantized")
     p.add_argument("--demo-limit", type=int, default=40,
