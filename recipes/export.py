@@ -7,7 +7,10 @@ is ~4x smaller than fp32 (nn.Linear weights are stored transposed, [in, out] wit
 axis 1, the layout MatMul consumes, so no runtime has to transpose int8 weights at load time).
 Quantizers narrower than 8 bits (W6/W4) are stored in the int8
 container: scale amax/31 or amax/7 and values clipped to the narrow range, which reproduces the
-fake-quant numerics exactly; the file's metadata says so.
+fake-quant numerics exactly; the file's metadata says so. FP8 E4M3 quantizers (per tensor, ModelOpt's
+``num_bits=(4, 3)``) become float8 Q/DQ (opset 19, scale amax/448, saturating) with FLOAT8E4M3FN
+weight initialisers: ONNX Runtime's CPU EP dequantizes them to fp32, TensorRT on Ada/Hopper
+runs them in FP8.
 
 We emit the Q/DQ nodes with our own ONNX symbolic (through ModelOpt's quant-backend hook) rather
 than ModelOpt's ``export_int8``, because that one only accepts 8 bits, cannot express the narrow
@@ -38,7 +41,9 @@ log = logging.getLogger(__name__)
 
 EXPORT_BACKEND = "sq_onnx_qdq"
 INT8_MIN, INT8_MAX = -128, 127
+E4M3, E4M3_MAX = (4, 3), 448.0  # ModelOpt's num_bits for FP8 E4M3; its largest finite value
 MIN_OPSET = 17
+FP8_OPSET = 19  # float8 QuantizeLinear/DequantizeLinear
 META_PREFIX = "sq."
 
 
@@ -60,6 +65,7 @@ class QuantSpec:
     axis: int | None  # per-channel axis, None = per-tensor
     amax: torch.Tensor  # as stored by ModelOpt (keepdims shape for per-channel)
     shift: float = 0.0  # one-sided range: x - shift is quantized, shift added back after DQ
+    fp8: bool = False  # E4M3 (qmin/qmax are then -448/448)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -70,7 +76,7 @@ class QuantSpec:
     @property
     def needs_clip(self) -> bool:
         """Narrower than int8's saturation range, so an explicit clip must come first."""
-        return (self.qmin, self.qmax) != (INT8_MIN, INT8_MAX)
+        return not self.fp8 and (self.qmin, self.qmax) != (INT8_MIN, INT8_MAX)
 
 
 def int_range(num_bits: int, narrow_range: bool) -> tuple[int, int]:
@@ -104,13 +110,16 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
         if not isinstance(q, TensorQuantizer) or not q.is_enabled or not quantizes(q):
             continue
         bits = q.num_bits
-        if not isinstance(bits, int) or not 4 <= bits <= 8:
+        fp8 = tuple(bits) == E4M3 if isinstance(bits, (tuple, list)) else False
+        if not fp8 and (not isinstance(bits, int) or not 4 <= bits <= 8):
             raise ExportError(f"{name}: num_bits={bits!r} is not supported; Q/DQ export needs "
-                              "integer quantization with 4..8 bits")
+                              "integer quantization with 4..8 bits or FP8 E4M3 (4, 3)")
         if q.unsigned:
             raise ExportError(f"{name}: unsigned quantization is not supported (symmetric int8 "
                               "with zero point 0 only)")
         shift = 0.0
+        if q.bias is not None and fp8:
+            raise ExportError(f"{name}: FP8 with a bias/shift is not supported")
         if q.bias is not None:
             value = getattr(q, "bias_value", None) if q.bias.get("type", "static") == "static" else None
             if value is None or value.numel() != 1:
@@ -129,9 +138,13 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
                               "amax before export")
         if not torch.isfinite(amax).all() or (amax < 0).any():
             raise ExportError(f"{name}: amax has negative or non-finite values")
+        if fp8 and amax.numel() > 1:
+            raise ExportError(f"{name}: FP8 E4M3 export needs a per-tensor amax (ModelOpt traces E4M3 "
+                              f"per tensor only); this one has shape {tuple(amax.shape)}")
         axis = _single_axis(q, name) if amax.numel() > 1 else None
-        specs[name] = QuantSpec(name, bits, *int_range(bits, q.narrow_range), axis,
-                                amax.detach().clone(), shift)
+        levels = (-E4M3_MAX, E4M3_MAX) if fp8 else int_range(bits, q.narrow_range)
+        specs[name] = QuantSpec(name, 8 if fp8 else bits, *levels, axis, amax.detach().clone(),
+                                shift, fp8)
     return specs
 
 
@@ -142,16 +155,18 @@ class _QDQ(torch.autograd.Function):
     """Fake-quant in torch (ModelOpt's own kernel), Clip? -> QuantizeLinear -> DequantizeLinear in ONNX."""
 
     @staticmethod
-    def forward(ctx, inputs, amax, num_bits, narrow_range, axis, qmin, qmax, shift):
-        from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
+    def forward(ctx, inputs, amax, num_bits, narrow_range, axis, qmin, qmax, shift, fp8):
+        from modelopt.torch.quantization.tensor_quant import fake_tensor_quant, scaled_e4m3
 
+        if fp8:
+            return scaled_e4m3(inputs, amax, None, *E4M3)
         bias = torch.tensor(shift, dtype=inputs.dtype, device=inputs.device) if shift else None
         return fake_tensor_quant(inputs, amax, bias, num_bits, False, narrow_range)
 
     @staticmethod
-    @symbolic_helper.parse_args("v", "t", "i", "b", "i", "i", "i", "f")
-    def symbolic(g, inputs, amax, num_bits, narrow_range, axis, qmin, qmax, shift):
-        spec = QuantSpec("", num_bits, qmin, qmax, axis, amax)
+    @symbolic_helper.parse_args("v", "t", "i", "b", "i", "f", "f", "f", "b")
+    def symbolic(g, inputs, amax, num_bits, narrow_range, axis, qmin, qmax, shift, fp8):
+        spec = QuantSpec("", num_bits, qmin, qmax, axis, amax, fp8=fp8)
         if shift:  # a one-sided range: Sub -> Q -> DQ -> Add (the Add folds into the next layer)
             shift_c = g.op("Constant", value_t=torch.tensor(shift, dtype=torch.float32))
             inputs = g.op("Sub", inputs, shift_c)
@@ -162,7 +177,8 @@ class _QDQ(torch.autograd.Function):
             inputs = g.op("Max", g.op("Min", inputs, hi), lo)
         scale = scale_kd.reshape(-1) if axis is not None else scale_kd.reshape(())
         scale_c = g.op("Constant", value_t=scale)
-        zero_c = g.op("Constant", value_t=torch.zeros(scale.shape, dtype=torch.int8))
+        zero_dtype = torch.float8_e4m3fn if fp8 else torch.int8
+        zero_c = g.op("Constant", value_t=torch.zeros(scale.shape, dtype=zero_dtype))
         axis_kw = {} if axis is None else {"axis_i": axis}
         quantized = g.op("QuantizeLinear", inputs, scale_c, zero_c, **axis_kw)
         out = g.op("DequantizeLinear", quantized, scale_c, zero_c, **axis_kw)
@@ -175,9 +191,11 @@ def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
     amax = amax_for(quantizer, inputs)
     bits, narrow = quantizer.num_bits, quantizer.narrow_range
     axis = _single_axis(quantizer, "quantizer") if amax.numel() > 1 else None
+    if isinstance(bits, (tuple, list)):  # E4M3 (quant_specs refused every other float format)
+        return _QDQ.apply(inputs, amax, 8, False, axis, -E4M3_MAX, E4M3_MAX, 0.0, True)
     bias = bias_for(quantizer, inputs)
     return _QDQ.apply(inputs, amax, bits, narrow, axis, *int_range(bits, narrow),
-                      0.0 if bias is None else float(bias))
+                      0.0 if bias is None else float(bias), False)
 
 
 @contextlib.contextmanager
@@ -214,6 +232,25 @@ def quantize_like_ort(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.
         scale = scale.reshape(shape)
     q = np.rint(x.astype(np.float32) / scale)
     return np.clip(q, INT8_MIN, INT8_MAX).astype(np.int8)
+
+
+def quantize_e4m3_like_ort(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+    """float8 E4M3 QuantizeLinear as ONNX Runtime computes it (saturate=1): x / scale in float32,
+    clamp to ±448, round to nearest even. Returns the float8 bytes as uint8."""
+    scale = np.asarray(scale, dtype=np.float32)
+    if axis is not None and scale.ndim == 1:
+        shape = [1] * x.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+    q = torch.from_numpy(np.clip(x.astype(np.float32) / scale, -E4M3_MAX, E4M3_MAX))
+    return q.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+
+
+def e4m3_initializer(raw: np.ndarray, name: str) -> onnx.TensorProto:
+    """A FLOAT8E4M3FN initialiser from float8 bytes (uint8 view)."""
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT8E4M3FN, dims=raw.shape)
+    tensor.raw_data = np.ascontiguousarray(raw, dtype=np.uint8).tobytes()
+    return tensor
 
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -294,10 +331,15 @@ def fold_weight_quantizers(model_proto: onnx.ModelProto, levels: dict[str, tuple
         scale = consts[node.input[1]]
         axis = _attr(node, "axis", 1) if scale.ndim == 1 else None
         base = node.input[0] if node.input[0] in consts else clip_nodes[0].input[0]
-        int8_name = f"{base}_int8"
-        ints = quantize_like_ort(weight, scale, axis)
-        new_inits.append(numpy_helper.from_array(ints, int8_name))
-        if levels is not None:
+        zero = consts.get(node.input[2]) if len(node.input) > 2 else None
+        if zero is not None and zero.dtype.name == "float8_e4m3fn":
+            int8_name = f"{base}_fp8"
+            new_inits.append(e4m3_initializer(quantize_e4m3_like_ort(weight, scale, axis), int8_name))
+        else:
+            int8_name = f"{base}_int8"
+            ints = quantize_like_ort(weight, scale, axis)
+            new_inits.append(numpy_helper.from_array(ints, int8_name))
+        if levels is not None and not int8_name.endswith("_fp8"):
             levels[int8_name] = _clip_levels(clip_nodes, consts, scale, axis, ints.ndim)
         for user in users:
             user.input[0] = int8_name
@@ -516,7 +558,15 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     if note:
         log.warning("ONNX export: %s", note)
 
-    meta = {META_PREFIX + "precision": "int8-qdq" if specs else "fp32",
+    fp8, fp8_note = sum(spec.fp8 for spec in specs.values()), None
+    if fp8:
+        opset = max(opset, FP8_OPSET)
+        fp8_note = (f"{fp8} quantizers are FP8 E4M3 (scale amax/448, float8 weights): ONNX Runtime's "
+                    "CPU EP computes them in fp32 after DequantizeLinear; TensorRT runs FP8 on Ada/Hopper.")
+        note = " ".join(filter(None, [note, fp8_note]))
+    precision = ("int8-qdq" if not fp8 else "fp8-qdq" if fp8 == len(specs) else "int8+fp8-qdq") \
+        if specs else "fp32"
+    meta = {META_PREFIX + "precision": precision,
             META_PREFIX + "num_quantizers": str(len(specs)),
             META_PREFIX + "bits": json.dumps(sorted({s.num_bits for s in specs.values()}))}
     family = family_of(net)
@@ -555,8 +605,9 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
                 rest = _container_note({n: s for n, s in specs.items()
                                         if not (n.endswith("weight_quantizer") and s.num_bits <= 4)})
                 meta[key] = " ".join(filter(None, [f"{packed} weights on 4-bit grids are stored packed as ONNX "
-                                                   "INT4 (opset 21), two per byte.", rest, bits_note]))
+                                                   "INT4 (opset 21), two per byte.", rest, fp8_note, bits_note]))
                 meta[META_PREFIX + "int4_weights"] = str(packed)
+            fp8_weights = sum(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in proto.graph.initializer)
             for key, value in meta.items():
                 proto.metadata_props.add(key=key, value=value)
             proto.producer_name = "sq-plugin"
@@ -567,7 +618,8 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     log.info("ONNX export: %s (%d quantizers, %d weights stored as int8)", out_path, len(specs),
              folded)
     return {"path": str(out_path), "precision": meta[META_PREFIX + "precision"],
-            "quantizers": len(specs), "int8_weights": folded - packed, "int4_weights": packed,
+            "quantizers": len(specs), "int8_weights": folded - packed - fp8_weights,
+            "int4_weights": packed, "fp8_weights": fp8_weights,
             "bits": sorted({s.num_bits for s in specs.values()}),
             "container_note": meta.get(META_PREFIX + "container_note"),
             "size_bytes": out_path.stat().st_size}
