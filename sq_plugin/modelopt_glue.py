@@ -114,6 +114,11 @@ def bias_for(q: TensorQuantizer, inputs: torch.Tensor) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- the algorithm
 
 
+def is_float_format(q: TensorQuantizer) -> bool:
+    """ModelOpt's float formats give num_bits as (exponent, mantissa) bits, e.g. (4, 3) for FP8 E4M3."""
+    return isinstance(q.num_bits, (tuple, list))
+
+
 def is_weight_quantizer(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("weight_quantizer")
 
@@ -167,20 +172,27 @@ def install_stablequant_calibrators(
     mse: bool = True,
     layer_calibrators: dict[str, dict] | None = None,
 ) -> dict[str, HistogramCalibratorBase]:
-    """Give every activation quantizer a histogram calibrator with the quantizer's own bits.
+    """Give every integer activation quantizer a histogram calibrator with the quantizer's own bits.
 
     StableQuantCalibrator (cut-off for ``clip_layers``) unless a ``layer_calibrators`` entry
     names another registered calibrator for it, or the quantizer's ``quant_cfg`` entry already
-    chose one of this package's histogram calibrators (kept, not silently replaced).
+    chose one of this package's histogram calibrators (kept, not silently replaced). Float
+    formats (FP8 E4M3, ``num_bits=(4, 3)``) keep ModelOpt's max calibration, its FP8 default:
+    the range searches here are for integer grids.
     """
     from .registry import calibrator_class
 
     quantizers = activation_quantizers(model)
     clipped = match_clip_layers(list(quantizers), list(clip_layers))
     layer_calibrators = dict(layer_calibrators or {})
-    match_clip_layers(list(quantizers), list(layer_calibrators))  # every pattern must match
+    named = match_clip_layers(list(quantizers), list(layer_calibrators))  # every pattern must match
     installed = {}
     for name, q in quantizers.items():
+        if is_float_format(q):
+            if name in named:
+                raise ValueError(f"{name}: layer_calibrators names a {q.num_bits} float-format quantizer; "
+                                 "those keep max calibration")
+            continue
         if q.axis is not None or q.block_sizes:
             raise ValueError(
                 f"{name}: StableQuant calibrates per-tensor activations; this quantizer has "
@@ -236,8 +248,11 @@ def weight_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, TensorQuan
 
 
 def set_mse_weight_amax(model: nn.Module) -> None:
-    """Replace each per-channel max weight amax by the channel's MSE-optimal clip."""
+    """Replace each per-channel max weight amax by the channel's MSE-optimal clip (integer
+    weights; float formats keep their max)."""
     for name, (module, q) in weight_quantizers(model).items():
+        if is_float_format(q):
+            continue
         if q.amax is None or q.amax.numel() == 1:
             raise ValueError(f"{name}: weight_calibrator 'mse' needs per-channel weight quantizers (axis=0)")
         q.amax = per_channel_mse_amax(module.weight, q.amax.reshape(_amax_shape(q, module.weight)),

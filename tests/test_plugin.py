@@ -369,3 +369,29 @@ def test_shift_entry_quantizes_a_one_sided_range_and_survives_save_restore(tmp_p
     restored = mto.restore(copy.deepcopy(model), tmp_path / "m.pth")
     with torch.no_grad():
         assert torch.equal(restored(x), y)
+
+
+def test_fp8_quantizers_keep_max_calibration(tiny):
+    """FP8 E4M3 quantizers in a "stablequant" config get ModelOpt's own max calibration (oracle:
+    the same config under ModelOpt's "max" algorithm) while the integer ones get StableQuant's
+    search; naming an FP8 quantizer in layer_calibrators is an error naming it."""
+    model0, audio = tiny
+    fp8 = {"num_bits": (4, 3), "axis": None}
+    quant_cfg = _quant_cfg() + [{"quantizer_name": f"*encoder.layers.0.*{kind}_quantizer", "cfg": fp8}
+                                for kind in ("input", "weight")]
+    ours, ref = copy.deepcopy(model0), copy.deepcopy(model0)
+    mtq.quantize(ours, {"quant_cfg": quant_cfg, "algorithm": {"method": "stablequant", "weight_calibrator": "mse"}},
+                 _loop(audio))
+    mtq.quantize(ref, {"quant_cfg": quant_cfg, "algorithm": "max"}, _loop(audio))
+    q_ours, q_ref = dict(ours.named_modules()), dict(ref.named_modules())
+    fp8_names = [n for n, q in q_ours.items() if n.endswith(("input_quantizer", "weight_quantizer"))
+                 and ".layers.0." in n and q.is_enabled]
+    assert len(fp8_names) >= 12  # q/k/v/out + 2 FFN, weights and inputs
+    for n in fp8_names:
+        assert tuple(q_ours[n].num_bits) == (4, 3)
+        assert q_ours[n].amax is not None and torch.equal(q_ours[n].amax, q_ref[n].amax), (n, q_ours[n].amax, q_ref[n].amax)
+    assert float(q_ours[CONV0].amax) < float(q_ref[CONV0].amax)  # integer: searched, below max
+    with pytest.raises(ValueError, match=r"layers.0.attention.q_proj.input_quantizer: layer_calibrators names"):
+        mtq.quantize(copy.deepcopy(model0), {"quant_cfg": quant_cfg, "algorithm": {
+            "method": "stablequant", "layer_calibrators": {"*layers.0.attention.q_proj*": {"calibrator": "mse"}}}},
+            _loop(audio))
