@@ -131,6 +131,13 @@ def test_scales_are_amax_over_127_and_zero_points_zero(int8):
 def test_int8_weights_reproduce_torch_fake_quant(int8):
     """int8 * scale must equal ModelOpt's fake-quantized weight: same levels, same clipping."""
     sm, _, proto = int8
+    for ints, scale, fake in stored_and_fake_weights(sm, proto):
+        scale = scale.reshape((-1,) + (1,) * (fake.ndim - 1))
+        np.testing.assert_allclose(ints * scale, fake, rtol=1e-5, atol=1e-7)
+
+
+def stored_and_fake_weights(sm, proto):
+    """(stored weight values in nn layout, DQ scale, ModelOpt's fake-quantized weight) per weight DQ."""
     modules = dict(sm.model.named_modules())
     consts = export.constant_values(proto.graph)
     for n in dq_nodes(proto):
@@ -140,10 +147,9 @@ def test_int8_weights_reproduce_torch_fake_quant(int8):
         layer = modules[name.removesuffix(".weight_quantizer")]
         with torch.no_grad():
             fake = layer.weight_quantizer(layer.weight).numpy()
-        ints = consts[n.input[0]]
-        ints = ints.T if ints.ndim == 2 else ints  # MatMul layout [in, out] -> nn.Linear [out, in]
-        scale = consts[n.input[1]].reshape((-1,) + (1,) * (fake.ndim - 1))
-        np.testing.assert_allclose(ints * scale, fake, rtol=1e-5, atol=1e-7)
+        stored = consts[n.input[0]]
+        stored = stored.T if stored.ndim == 2 else stored  # MatMul layout [in, out] -> nn.Linear [out, in]
+        yield stored, consts[n.input[1]], fake
 
 
 def test_no_attention_mask_is_traced(int8):
@@ -534,21 +540,10 @@ def test_fp8_weights_are_float8_and_dequantize_to_modelopt_fake_quant(fp8):
     own E4M3 fake-quantized weight (its scaled_e4m3 kernel, the oracle): the same E4M3 level,
     up to one float32 rounding of the multiply by the scale."""
     sm, info, proto = fp8
-    modules = dict(sm.model.named_modules())
-    consts = export.constant_values(proto.graph)
     checked = 0
-    for n in dq_nodes(proto):
-        name = quantizer_of(n)
-        if not name.endswith("weight_quantizer"):
-            continue
-        layer = modules[name.removesuffix(".weight_quantizer")]
-        with torch.no_grad():
-            fake = layer.weight_quantizer(layer.weight).numpy()
-        values = consts[n.input[0]]
+    for values, scale, fake in stored_and_fake_weights(sm, proto):
         assert values.dtype.name == "float8_e4m3fn"
         values = values.astype(np.float32)
-        values = values.T if values.ndim == 2 else values
-        scale = consts[n.input[1]]
         np.testing.assert_allclose(values * scale, fake, rtol=2e-7, atol=0)
         levels = torch.from_numpy((fake / scale).astype(np.float32)).to(torch.float8_e4m3fn).float().numpy()
         np.testing.assert_array_equal(values, levels)
