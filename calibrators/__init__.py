@@ -19,9 +19,10 @@ from .search import (
     stablequant_amax,
     stablequant_amax_grid,
 )
-from .weights import per_channel_mse_amax
+from .weights import BLOCK_SIZES, per_block_mse_amax, per_channel_mse_amax, weight_block, weight_blocks
 
 __all__ = [
+    "BLOCK_SIZES",
     "AbsHistogram",
     "EntropyCalibrator",
     "HistogramCalibratorBase",
@@ -33,9 +34,12 @@ __all__ = [
     "entropy_amax",
     "max_amax",
     "mse_amax",
+    "per_block_mse_amax",
     "per_channel_mse_amax",
     "percentile_amax",
     "shifted_range",
     "stablequant_amax",
     "stablequant_amax_grid",
+    "weight_block",
+    "weight_blocks",
 ]

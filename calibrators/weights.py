@@ -40,3 +40,46 @@ def per_channel_mse_amax(weight, amax, num_bits: int, unsigned: bool = False,
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, cand, best)
     return torch.where(a > 0, best, a)
+
+
+BLOCK_SIZES = (128, 64, 32)  # weights per scale tried for block formats, largest first
+
+
+def weight_block(shape: Sequence[int]) -> tuple[int, int] | None:
+    """(axis, block size) of a block format for a Linear [out, in] / Conv [out, in/groups, *kernel] weight.
+
+    Blocks run along a reduction dim: the input channels, or (convs whose input channels per group
+    take no block) the last kernel axis; the block is the largest of ``BLOCK_SIZES`` dividing that
+    axis that leaves at least two blocks per output channel (one block per channel is just
+    per-channel quantization at more bits). None where nothing fits. Shape-only, so no model is tuned.
+    """
+    shape = tuple(int(n) for n in shape)
+    per_out = 1
+    for n in shape[1:]:
+        per_out *= n
+    for axis in (1,) if len(shape) == 2 else (1, len(shape) - 1):
+        for block in BLOCK_SIZES:
+            if shape[axis] % block == 0 and per_out // block >= 2:
+                return axis, block
+    return None
+
+
+def weight_blocks(weight, axis: int, block: int):
+    """(``weight`` split into blocks of ``block`` along ``axis``, the block dim) in ModelOpt 0.47's
+    static block layout: blocks of the last axis flattened to [-1, block], of another axis
+    [..., n/block, block, ...]. A per-block amax is the keepdim reduction over the block dim, so
+    amaxes computed here and by ModelOpt's calibrators line up element for element."""
+    w = torch.as_tensor(weight)
+    axis %= w.dim()
+    if w.shape[axis] % block:
+        raise ValueError(f"axis {axis} of a {tuple(w.shape)} weight is not a multiple of the block size {block}")
+    if axis == w.dim() - 1:
+        return w.reshape(-1, block), 1
+    return w.reshape(*w.shape[:axis], w.shape[axis] // block, block, *w.shape[axis + 1:]), axis + 1
+
+
+def per_block_mse_amax(weight, axis: int, block: int, num_bits: int, unsigned: bool = False):
+    """MSE-optimal amax per block (:func:`per_channel_mse_amax` on the blocks), block layout of
+    :func:`weight_blocks` (keepdim, size 1 on the block dim)."""
+    blocks, dim = weight_blocks(torch.as_tensor(weight).detach().float(), axis, block)
+    return per_channel_mse_amax(blocks, blocks.abs().amax(dim=dim, keepdim=True), num_bits, unsigned)

@@ -4,7 +4,9 @@ ModelOpt's CPU path (``tensor_quant._tensor_quant``) allocates three full-size t
 call; on SFM CNN activations that is most of an evaluation's quantization cost. This does the
 same float32 operations in the same order (multiply by ``max_bound / amax``, round half to even,
 clamp, divide), in place, through ModelOpt's own quant-backend hook, and only for plain
-per-tensor / per-channel integer quantizers. ``tests/test_fastquant.py`` checks bit equality.
+per-tensor / per-channel / static-block integer quantizers (ModelOpt reshapes a block quantizer's
+input into its block layout before the backend sees it, so the same code serves). ``tests/test_fastquant.py``
+checks bit equality.
 
 On CUDA, ModelOpt JIT-builds its extension (``modelopt_cuda_ext``, ~61 s on a fresh machine) on
 the first fake quant. Its kernel (``tensor_quant_gpu.cu``, compiled without fast math) does the
@@ -67,6 +69,16 @@ def fake_quant_int(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int, unsi
     return out.to(dtype)
 
 
+def fake_quant_blocks(weight: torch.Tensor, amax: torch.Tensor, axis: int, block: int, num_bits: int,
+                      narrow_range: bool, kernel: str | None = None) -> torch.Tensor:
+    """Signed block fake quant of a weight: :func:`fake_quant_int` in ModelOpt's static block layout
+    (:func:`calibrators.weight_blocks`; ``amax`` one per block, keepdim), reshaped back."""
+    from calibrators import weight_blocks
+
+    blocks, _ = weight_blocks(weight, axis, block)
+    return fake_quant_int(blocks, amax, num_bits, False, narrow_range, kernel).reshape(weight.shape)
+
+
 def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
     from sq_plugin.modelopt_glue import amax_for, bias_for
 
@@ -79,11 +91,14 @@ def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
 
 
 def eligible(quantizer) -> bool:
-    """Plain integer fake quant (CPU or CUDA) with a calibrated amax and a static shift if any: the fast path."""
+    """Plain integer fake quant (CPU or CUDA; per-tensor, per-channel or static blocks) with a
+    calibrated amax and a static shift if any: the fast path."""
     from sq_plugin.modelopt_glue import is_dynamic, static_amax
 
+    blocks = quantizer.block_sizes or {}
+    plain_blocks = blocks.get("type", "static") == "static" and all(isinstance(k, int) or k == "type" for k in blocks)
     if getattr(quantizer, "backend", None) is not None or not isinstance(quantizer.num_bits, int) \
-            or quantizer.block_sizes or is_dynamic(quantizer):
+            or not plain_blocks or is_dynamic(quantizer):
         return False
     amax = static_amax(quantizer)
     return (amax is not None and amax.device.type in ("cpu", "cuda")

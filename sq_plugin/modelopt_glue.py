@@ -248,15 +248,53 @@ def weight_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, TensorQuan
 
 
 def set_mse_weight_amax(model: nn.Module) -> None:
-    """Replace each per-channel max weight amax by the channel's MSE-optimal clip (integer
-    weights; float formats keep their max)."""
+    """Replace each per-channel (or per-block) max weight amax by the channel's (block's) MSE-optimal
+    clip (integer weights; float formats keep their max)."""
     for name, (module, q) in weight_quantizers(model).items():
         if is_float_format(q):
             continue
         if q.amax is None or q.amax.numel() == 1:
-            raise ValueError(f"{name}: weight_calibrator 'mse' needs per-channel weight quantizers (axis=0)")
+            raise ValueError(f"{name}: weight_calibrator 'mse' needs per-channel or block weight quantizers")
+        if q.block_sizes:
+            q.amax = per_channel_mse_amax(blocked_weight(q, module.weight), q.amax, q.num_bits,
+                                          q.unsigned).reshape(q.amax.shape)
+            continue
         q.amax = per_channel_mse_amax(module.weight, q.amax.reshape(_amax_shape(q, module.weight)),
                                       q.num_bits, q.unsigned).reshape(q.amax.shape)
+
+
+_BLOCK_LAYOUT = ("_block_reshape_size", "_original_shape", "_padding", "_slices", "_amax_shape_for_export")
+
+
+def blocked_weight(q: TensorQuantizer, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as a static block quantizer reshapes it before quantizing (its amax's layout, keepdim)."""
+    q._setup_for_blockquant(weight)
+    return q._process_for_blockquant(weight)
+
+
+def set_weight_format(q: TensorQuantizer, weight: torch.Tensor, num_bits: int, amax: torch.Tensor,
+                      block_sizes: dict | None = None) -> None:
+    """Put a weight quantizer at ``num_bits`` with ``amax``: per output channel (axis 0), or static
+    blocks (``block_sizes`` as in a ModelOpt config; ``amax`` one per block, any shape, block order).
+
+    ModelOpt caches a block quantizer's reshape on its first input and refuses an amax of another
+    shape, so both are reset here (private attributes: this module only).
+    """
+    for attr in _BLOCK_LAYOUT:
+        if hasattr(q, attr):
+            delattr(q, attr)
+    if hasattr(q, "_amax"):
+        delattr(q, "_amax")
+    q.num_bits = num_bits
+    if block_sizes is None:
+        q.block_sizes = None
+        q.axis = 0
+        q.amax = amax
+        return
+    q.block_sizes = dict(block_sizes)
+    shape = blocked_weight(q, weight).shape
+    keep = q.axis  # the quantized (kept) dims of the block layout
+    q.amax = amax.reshape([n if d in keep else 1 for d, n in enumerate(shape)])
 
 
 def _amax_shape(q: TensorQuantizer, weight) -> tuple[int, ...]:

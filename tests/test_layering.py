@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT / "sq_plugin" / "modelopt_glue.py"
 # private TensorQuantizer / _Calibrator attributes of ModelOpt 0.47 (not a calibrator's own `self._x`)
 PRIVATE = re.compile(r"(?<!\bself)\._(amax|calibrator|num_bits|unsigned|axis|if_calib|if_quant|disabled|dynamic|"
-                     r"narrow_range|get_amax|get_bias|bias_value|bias_type|use_constant_amax|block_sizes|fake_quant)\b")
+                     r"narrow_range|get_amax|get_bias|bias_value|bias_type|use_constant_amax|block_sizes|fake_quant|"
+                     r"block_reshape_size|setup_for_blockquant|process_for_blockquant)\b")
 
 
 def _sources():
