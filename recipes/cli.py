@@ -115,9 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=BITS, default=8, help="bits for weights and activations")
     q.add_argument("--wbits", type=BITS, default=None, help="weight bits (default: --bits)")
     q.add_argument("--budget-bits", type=_number(float, 4.0, 16.0), default=None, metavar="B",
-                   help="mixed precision: one format per layer (float, W8A8, W6A6, W4A8, W4A16) with at most B "
-                        "average bits per Linear/Conv weight (float counts 16), chosen from dev sensitivities; "
-                        "without it every layer gets --bits")
+                   help="mixed precision: one format per layer (float, W8A8, W6A6, W4A8, W4A16, and W4A8-blk / "
+                        "W4A16-blk with one scale per block of up to 128 weights) with at most B average bits per "
+                        "Linear/Conv weight (float counts 16), chosen from dev sensitivities; without it every "
+                        "layer gets --bits")
+    q.add_argument("--block-scale-bits", type=_number(float, 0.0, 32.0), default=16.0, metavar="S",
+                   help="with --budget-bits: bits the budget charges per block scale (default 16, fp16 scales; "
+                        "0 counts grid bits only, as ModelOpt's auto_quantize does)")
     q.add_argument("--gamma", type=GAMMA, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
     q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
     q.add_argument("--num-bins", type=NUM_BINS, default=2048, help="histogram bins per activation quantizer")

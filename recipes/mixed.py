@@ -6,20 +6,23 @@ demo the CNN front end carries almost the whole W6A6 loss). ``stablequant quanti
 1. **Activations** are calibrated by the default recipe at W8A8 (:func:`recipes.layerwise.run_layerwise`):
    its histograms (collected once) and its chosen calibrator per activation quantizer give every
    activation scale of the menu (the same calibrator re-run on the same histogram at 6 bits for
-   A6). Weights get per-channel MSE-optimal scales at each width.
+   A6). Weights get MSE-optimal scales at each width, per output channel or, for the block
+   formats (``-blk``), per block of up to 128 weights along the reduction dim (the block size
+   from the layer's shape, :func:`calibrators.weight_block`).
 2. **Sensitivity**: each layer alone at each format of the menu, every other layer float; the
    score is the dev KL of the output distribution to fp32 (the default recipe's score). The float
    prefix of each layer is served from cache (:class:`recipes.reuse.PrefixRunner`), so one score
    costs one suffix forward. Finished scores go to the state file (``--resume``).
 3. **Exact allocation**: minimise the summed scores subject to the average weight bits
-   (Σ bits·weights / Σ weights over every Linear/Conv weight, float counted as 16) ≤ B — a
-   multiple-choice knapsack solved as an integer program with ``pulp`` (CBC).
+   (Σ bits·weights / Σ weights over every Linear/Conv weight, float counted as 16, a block
+   format's fp16 scales as 16/block more bits per weight) ≤ B — a multiple-choice knapsack solved
+   as an integer program with ``pulp`` (CBC).
 4. **Verification** on dev with every layer as allocated; when the measured KL misses the
    additive prediction by more than ``tolerance``, a greedy repair fixes the layer with the
    largest predicted gain one format up, re-solves the rest under the same budget, and keeps
    the change only if the measured KL falls.
 
-The output is a plain ModelOpt config with one entry per quantizer (bits, axis, enable) and the
+The output is a plain ModelOpt config with one entry per quantizer (bits, axis or block_sizes, enable) and the
 "stablequant" algorithm's ``layer_calibrators`` / ``weight_calibrator``; a fresh
 ``mtq.quantize`` re-applies it. FP8 is not in the menu: this CPU machine has no FP8 kernels in
 ModelOpt, and no GPU was available to validate it (``fp8_note``).
@@ -38,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .asr import forward_logits
-from .fastquant import fake_quant_int, fast_fake_quant
+from .fastquant import fake_quant_blocks, fake_quant_int, fast_fake_quant
 from .layerwise import CANDIDATES, SHIFT, LogitDivergence, run_layerwise, spec_entry, spec_label
 from .models import SpeechModel, layer_inventory
 from .reuse import PrefixRunner
@@ -49,16 +52,23 @@ log = logging.getLogger(__name__)
 FLOAT_BITS = 16  # a float layer counts 16 bits per weight (fp16/bf16 deployment)
 
 
+SCALE_BITS = 16  # a block format stores one fp16 scale per block
+
+
 @dataclass(frozen=True)
 class Format:
-    """One entry of the per-layer menu: weight bits and activation bits (None: float)."""
+    """One entry of the per-layer menu: weight bits and activation bits (None: float); ``blocks``:
+    one weight scale per block (:func:`calibrators.weight_block` picks the block from the layer's
+    shape) instead of one per output channel."""
 
     name: str
     wbits: int | None
     abits: int | None
+    blocks: bool = False
 
     @property
     def bits(self) -> int:
+        """Bits per weight of the integer grid (float: ``FLOAT_BITS``), scales not counted."""
         return self.wbits or FLOAT_BITS
 
 
@@ -68,8 +78,52 @@ MENU = {f.name: f for f in (
     Format("W6A6", 6, 6),
     Format("W4A8", 4, 8),
     Format("W4A16", 4, None),
+    Format("W4A8-blk", 4, 8, blocks=True),
+    Format("W4A16-blk", 4, None, blocks=True),
 )}
 UNIFORM_POINTS = ("W8A8", "W6A6", "W4A8")  # uniform references on the Pareto plot
+
+
+def format_bits(fmt: Format, block: tuple[int, int] | None, scale_bits: float = SCALE_BITS) -> float:
+    """Bits per weight of ``fmt`` on a layer whose block is ``block`` (axis, size): the grid's bits plus,
+    for a block format, ``scale_bits`` per block. Per-channel scales are not counted (one per output
+    channel, as ModelOpt's and the literature's "4-bit" do); ``scale_bits=0`` is ModelOpt 0.47
+    auto_quantize's count, which charges INT4_BLOCKWISE_WEIGHT_ONLY_CFG num_bits = 4 per weight."""
+    if not fmt.blocks:
+        return float(fmt.bits)
+    if block is None:
+        raise ValueError(f"{fmt.name}: this layer's shape takes no block")
+    return fmt.bits + scale_bits / block[1]
+
+
+def model_weight_bits(model: torch.nn.Module, scale_bits: float = SCALE_BITS) -> float:
+    """Average bits per Linear/Conv weight of any quantized model, read from its weight quantizers:
+    num_bits, plus ``scale_bits`` per stored scale for a block quantizer (its amax has one per
+    block, padded blocks included); 16 where the weight is not quantized. The same count for our
+    allocations and for ``mtq.auto_quantize``'s, whatever formats they chose."""
+    from sq_plugin.modelopt_glue import quantizes, static_amax
+
+    modules = dict(model.named_modules())
+    sizes, bits = [], []
+    for info in layer_inventory(model):
+        m = modules[info.path]
+        q = getattr(m, "weight_quantizer", None)
+        n = m.weight.numel()
+        sizes.append(n)
+        if q is None or not q.is_enabled or not quantizes(q):
+            bits.append(float(FLOAT_BITS))
+        elif not isinstance(q.num_bits, int):
+            raise ValueError(f"{info.path}: cannot count bits of num_bits={q.num_bits!r}")
+        else:
+            amax = static_amax(q)
+            scales = amax.numel() if q.block_sizes and amax is not None else 0
+            bits.append(q.num_bits + scale_bits * scales / n)
+    return average_bits(sizes, bits)
+
+
+def block_sizes_cfg(block: tuple[int, int], ndim: int) -> dict:
+    """ModelOpt ``block_sizes`` of a weight's (axis, size) block: static, axis counted from the end."""
+    return {block[0] - ndim: block[1], "type": "static"}
 
 
 def fp8_note() -> str:
@@ -91,27 +145,30 @@ def average_bits(sizes: Sequence[int], bits: Sequence[float]) -> float:
     return sum(n * b for n, b in zip(sizes, bits)) / total
 
 
-def allocate(scores: Sequence[dict[str, float]], sizes: Sequence[int], bits: dict[str, float],
-             budget_bits: float, fixed: dict[int, str] | None = None) -> list[str]:
+def allocate(scores: Sequence[dict[str, float]], sizes: Sequence[int],
+             bits: dict[str, float] | Sequence[dict[str, float]], budget_bits: float,
+             fixed: dict[int, str] | None = None) -> list[str]:
     """The format per layer minimising Σ scores[l][f] with average weight bits ≤ ``budget_bits``.
 
     ``scores[l]`` maps the formats allowed for layer l to its (additive) cost, ``sizes[l]`` is its
-    weight count, ``bits[f]`` the bits per weight of format f; ``fixed`` pins layers to a
-    format. An exact integer program (pulp/CBC, integer budget arithmetic). Raises ValueError
-    when no assignment fits the budget.
+    weight count, ``bits[f]`` the bits per weight of format f (or ``bits[l][f]``: per layer, as
+    block scales make it); ``fixed`` pins layers to a format. An exact integer program (pulp/CBC,
+    integer budget arithmetic). Raises ValueError when no assignment fits the budget.
     """
     import pulp
 
     fixed = dict(fixed or {})
     if len(scores) != len(sizes):
         raise ValueError(f"{len(scores)} score rows for {len(sizes)} layers")
+    bits = [bits] * len(scores) if isinstance(bits, dict) else list(bits)
     total = sum(sizes)
     # integer coefficients: bits in units of 1/den so fractional bit widths stay exact
     den = 1
-    while any(abs(b * den - round(b * den)) > 1e-9 for b in bits.values()) and den < 10**6:
+    while any(abs(bits[l][f] * den - round(bits[l][f] * den)) > 1e-9 for l, row in enumerate(scores) for f in row) \
+            and den < 10**6:
         den *= 10
     capacity = int(budget_bits * den * total + 1e-6)
-    lowest = sum(n * min(round(bits[f] * den) for f in (scores[l] if l not in fixed else [fixed[l]]))
+    lowest = sum(n * min(round(bits[l][f] * den) for f in (scores[l] if l not in fixed else [fixed[l]]))
                  for l, n in enumerate(sizes))
     if lowest > capacity:
         raise ValueError(f"budget {budget_bits} bits per weight is below the smallest the menu allows "
@@ -124,7 +181,7 @@ def allocate(scores: Sequence[dict[str, float]], sizes: Sequence[int], bits: dic
         prob += pulp.lpSum(x[l, f] for f in row) == 1
         if l in fixed:
             prob += x[l, fixed[l]] == 1
-    prob += pulp.lpSum(sizes[l] * round(bits[f] * den) * v for (l, f), v in x.items()) <= capacity
+    prob += pulp.lpSum(sizes[l] * round(bits[l][f] * den) * v for (l, f), v in x.items()) <= capacity
     with warnings.catch_warnings():
         # PuLP 3.3 deprecates its bundled CBC for PuLP 4's `pulp[cbc]` + COIN_CMD; ModelOpt 0.47
         # pins plain pulp, so the bundled one is what exists. Remove when pulp >= 4 is required.
@@ -133,7 +190,7 @@ def allocate(scores: Sequence[dict[str, float]], sizes: Sequence[int], bits: dic
     if pulp.LpStatus[status] != "Optimal":
         raise ValueError(f"no per-layer allocation fits {budget_bits} bits per weight ({pulp.LpStatus[status]})")
     choice = [max(row, key=lambda f: x[l, f].value()) for l, row in enumerate(scores)]
-    used = sum(sizes[l] * round(bits[f] * den) for l, f in enumerate(choice))
+    used = sum(sizes[l] * round(bits[l][f] * den) for l, f in enumerate(choice))
     if used > capacity:  # the solver's tolerance must never buy bits beyond the budget
         raise ValueError(f"allocation uses {used / den / total:.4f} > {budget_bits} bits per weight")
     return choice
@@ -151,6 +208,8 @@ class LayerFormat:
     wbits: int | None
     abits: int | None
     predicted_kl: float  # this layer's score at its format (others float)
+    bits: float  # bits per weight as the budget counts them (block scales included)
+    block: list[int] | None = None  # (axis, size) of the weight blocks of a block format
 
 
 @dataclass
@@ -158,7 +217,9 @@ class MixedResult:
     recipe: str
     settings: dict
     budget_bits: float
-    avg_weight_bits: float
+    avg_weight_bits: float  # block scales counted at block_scale_bits per block
+    avg_weight_bits_no_scales: float  # ModelOpt auto_quantize's count: grid bits only
+    block_scale_bits: float
     compression_vs_fp32: float
     menu: list[str]
     fp8: str
@@ -186,22 +247,29 @@ class MixedResult:
 class FormatSetter:
     """Put each layer of a quantized model at a menu format (weights folded, or as quantizers)."""
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[str], act_amax, weight_amax):
+    def __init__(self, model: torch.nn.Module, layers: Sequence[str], act_amax, weight_amax,
+                 blocks: dict[str, tuple[int, int] | None] | None = None):
         modules = dict(model.named_modules())
         self.modules = {l: modules[l] for l in layers}
         self.original = {l: m.weight.data for l, m in self.modules.items()}
-        # callables: (layer, bits) -> (amax, shift or None) of the input, -> per-channel weight amax
+        # callables: (layer, bits) -> (amax, shift or None) of the input; (layer, Format) -> weight
+        # amax (per channel, ModelOpt's shape; or per block, calibrators.weight_blocks' layout)
         self.act_amax, self.weight_amax = act_amax, weight_amax
-        self._folded: dict[tuple[str, int], torch.Tensor] = {}
+        self.blocks = blocks or {}  # layer -> (axis, size) of its block formats
+        self._folded: dict[tuple[str, int, bool], torch.Tensor] = {}
 
-    def folded_weight(self, layer: str, bits: int) -> torch.Tensor:
-        key = (layer, bits)
+    def folded_weight(self, layer: str, fmt: Format) -> torch.Tensor:
+        key = (layer, fmt.wbits, fmt.blocks)
         if key not in self._folded:
             from sq_plugin.modelopt_glue import _amax_shape
 
             q, w = self.modules[layer].weight_quantizer, self.original[layer]
-            amax = self.weight_amax(layer, bits).reshape(_amax_shape(q, w))
-            self._folded[key] = fake_quant_int(w, amax, bits, False, q.narrow_range)
+            amax = self.weight_amax(layer, fmt)
+            if fmt.blocks:
+                self._folded[key] = fake_quant_blocks(w, amax, *self.blocks[layer], fmt.wbits, q.narrow_range)
+            else:
+                self._folded[key] = fake_quant_int(w, amax.reshape(_amax_shape(q, w)), fmt.wbits, False,
+                                                   q.narrow_range)
         return self._folded[key]
 
     def _activation(self, layer: str, fmt: Format) -> None:
@@ -220,11 +288,13 @@ class FormatSetter:
         for layer, m in self.modules.items():
             fmt = assign.get(layer, MENU["float"])
             m.weight_quantizer.disable()
-            m.weight.data = self.original[layer] if fmt.wbits is None else self.folded_weight(layer, fmt.wbits)
+            m.weight.data = self.original[layer] if fmt.wbits is None else self.folded_weight(layer, fmt)
             self._activation(layer, fmt)
 
     def as_quantizers(self, assign: dict[str, Format]) -> None:
         """Final form: float weights, each weight quantizer at its bits and amax (saveable)."""
+        from sq_plugin.modelopt_glue import set_weight_format
+
         for layer, m in self.modules.items():
             fmt = assign.get(layer, MENU["float"])
             m.weight.data = self.original[layer]
@@ -232,20 +302,23 @@ class FormatSetter:
             if fmt.wbits is None:
                 wq.disable()
             else:
-                wq.num_bits = fmt.wbits
-                wq.amax = self.weight_amax(layer, fmt.wbits)
+                w = self.original[layer]
+                blocks = block_sizes_cfg(self.blocks[layer], w.dim()) if fmt.blocks else None
+                set_weight_format(wq, w, fmt.wbits, self.weight_amax(layer, fmt), blocks)
                 wq.enable()
             self._activation(layer, fmt)
 
 
 def mixed_config(s: Settings, assign: dict[str, Format], layer_calibrators: dict[str, dict],
-                 weight_calibrator: str) -> dict:
-    """Plain ModelOpt config: every quantizer named exactly, with its bits (or disabled)."""
+                 weight_calibrator: str, block_sizes: dict[str, dict] | None = None) -> dict:
+    """Plain ModelOpt config: every quantizer named exactly, with its bits (or disabled); a block
+    format's weight quantizer with its ``block_sizes`` (``block_sizes[layer]``)."""
     quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for layer, fmt in assign.items():
         if fmt.wbits is not None:
-            quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer",
-                              "cfg": {"num_bits": fmt.wbits, "axis": 0}})
+            cfg = {"num_bits": fmt.wbits, "block_sizes": dict(block_sizes[layer])} if fmt.blocks \
+                else {"num_bits": fmt.wbits, "axis": 0}
+            quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": cfg})
         if fmt.abits is not None:
             quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer",
                               "cfg": {"num_bits": fmt.abits, "axis": None}})
@@ -269,9 +342,14 @@ def run_mixed(
     tolerance: float = 0.25,
     max_repairs: int = 3,
     pareto_budgets: Sequence[float] = (4.0, 5.0, 6.0, 7.0, 8.0),
+    block_scale_bits: float = SCALE_BITS,
 ) -> MixedResult:
-    """Mixed precision of ``sm`` under ``budget_bits`` average bits per weight (see module doc)."""
-    from calibrators import per_channel_mse_amax
+    """Mixed precision of ``sm`` under ``budget_bits`` average bits per weight (see module doc).
+
+    ``block_scale_bits``: what the budget charges per block scale of a block format (0: ModelOpt
+    auto_quantize's count). It only moves the allocation, so runs that differ in it share the state.
+    """
+    from calibrators import per_block_mse_amax, per_channel_mse_amax, weight_block
     from sq_plugin import calibrator_class
     from sq_plugin.modelopt_glue import calibrator_of
 
@@ -298,6 +376,10 @@ def run_mixed(
     if missing:
         raise ValueError(f"layers without ModelOpt quantizers (not converted): {missing}")
     sizes = [modules[l].weight.numel() for l in layers]
+    blocks = {l: weight_block(modules[l].weight.shape) for l in layers}
+    allowed = {l: [f for f in formats if not formats[f].blocks or blocks[l] is not None] for l in layers}
+    lbits = [{f: format_bits(formats[f], blocks[l], block_scale_bits) for f in allowed[l]} for l in layers]
+    grid_bits = [{f: float(formats[f].bits) for f in allowed[l]} for l in layers]
 
     specs = {spec_label(name, kw): (name, kw, False) for name, kw in CANDIDATES}
     specs.update({spec_label(name, kw) + SHIFT: (name, kw, True) for name, kw in CANDIDATES})
@@ -322,23 +404,28 @@ def run_mixed(
         return act_cache[layer, bits]
 
     weight_max = {l: modules[l].weight_quantizer.amax.clone() for l in layers}
-    w_cache: dict[tuple[str, int], torch.Tensor] = {}
+    w_cache: dict[tuple[str, int, bool], torch.Tensor] = {}
 
-    def weight_amax(layer: str, bits: int) -> torch.Tensor:
-        if (layer, bits) not in w_cache:
+    def weight_amax(layer: str, fmt: Format) -> torch.Tensor:
+        """MSE-optimal weight amax per output channel, or per block of a block format."""
+        key = (layer, fmt.wbits, fmt.blocks)
+        if key not in w_cache:
             m = modules[layer]
             from sq_plugin.modelopt_glue import _amax_shape
 
-            shape = _amax_shape(m.weight_quantizer, m.weight)
-            w_cache[layer, bits] = per_channel_mse_amax(setter.original[layer], weight_max[layer].reshape(shape),
-                                                        bits, False).reshape(weight_max[layer].shape)
-        return w_cache[layer, bits]
+            if fmt.blocks:
+                w_cache[key] = per_block_mse_amax(setter.original[layer], *blocks[layer], fmt.wbits)
+            else:
+                shape = _amax_shape(m.weight_quantizer, m.weight)
+                w_cache[key] = per_channel_mse_amax(setter.original[layer], weight_max[layer].reshape(shape),
+                                                    fmt.wbits, False).reshape(weight_max[layer].shape)
+        return w_cache[key]
 
     # weight amax from the recipe's weights: it may have set MSE amax at 8 bits; recover the max
     for l in layers:
         weight_max[l] = modules[l].weight.detach().abs().amax(
             dim=tuple(range(1, modules[l].weight.dim())), keepdim=True).reshape(weight_max[l].shape)
-    setter = FormatSetter(model, layers, act_amax, weight_amax)
+    setter = FormatSetter(model, layers, act_amax, weight_amax, blocks)
     evaluations = 0
 
     with fast_fake_quant(model), torch.inference_mode():
@@ -350,7 +437,7 @@ def run_mixed(
 
         runner = PrefixRunner(model, forward_logits, dev_batches)
         sens = state.data["sensitivity"]
-        todo = [(l, f) for l in layers for f in formats if f != "float"]
+        todo = [(l, f) for l in layers for f in allowed[l] if f != "float"]
         for l, f in tqdm(todo, desc="per-layer sensitivity (layer x format)", disable=not progress):
             done = sens.setdefault(l, {"float": 0.0})
             if f not in done:
@@ -359,11 +446,13 @@ def run_mixed(
                 done[f] = divergence(runner.run(l))
                 state.save()
         runner.clear()
-        sensitivity = {l: {f: sens[l][f] for f in formats} for l in layers}
+        sensitivity = {l: {f: sens[l][f] for f in allowed[l]} for l in layers}
         lap("sensitivity")
 
-        bits = {f: formats[f].bits for f in formats}
         rows = [sensitivity[l] for l in layers]
+
+        def avg_bits(assign, per_layer=lbits) -> float:
+            return average_bits(sizes, [per_layer[i][assign[l].name] for i, l in enumerate(layers)])
 
         def measure(assign: dict[str, Format]) -> tuple[float, object]:
             nonlocal evaluations
@@ -373,7 +462,7 @@ def run_mixed(
             return divergence(logits), scorer.errors(logits)
 
         def solve(budget: float, fixed=None) -> dict[str, Format]:
-            return {l: formats[f] for l, f in zip(layers, allocate(rows, sizes, bits, budget, fixed))}
+            return {l: formats[f] for l, f in zip(layers, allocate(rows, sizes, lbits, budget, fixed))}
 
         def predicted(assign) -> float:
             return sum(sensitivity[l][assign[l].name] for l in layers)
@@ -391,7 +480,7 @@ def run_mixed(
             except ValueError:
                 continue
             kl, err = measure(assign)
-            pareto.append({"budget": b, "avg_bits": average_bits(sizes, [assign[l].bits for l in layers]),
+            pareto.append({"budget": b, "avg_bits": avg_bits(assign),
                            "predicted_kl": predicted(assign), "kl": kl, "wer": err.wer})
         lap("pareto")
 
@@ -401,14 +490,13 @@ def run_mixed(
         repairs: list[dict] = []
         fixed: dict[int, str] = {}  # kept upgrades stay pinned for later re-solves
         tried: set[int] = set()
-        order = list(formats)  # menu order: float first, then descending precision
         while kl > pred * (1 + tolerance) and len(repairs) < max_repairs:
             # the layer whose next better format has the largest predicted gain
             gains = []
             for i, l in enumerate(layers):
                 if i in tried:
                     continue
-                better = [f for f in order if formats[f].bits > assign[l].bits]
+                better = [f for f in allowed[l] if lbits[i][f] > lbits[i][assign[l].name]]
                 if better:
                     f = min(better, key=lambda g: sensitivity[l][g])
                     gains.append((sensitivity[l][assign[l].name] - sensitivity[l][f], i, f))
@@ -420,8 +508,8 @@ def run_mixed(
             except ValueError:
                 break
             trial_kl, trial_err = measure(trial)
-            step = {"layer": layers[i], "to": f, "predicted_gain": gain, "kl_before": kl, "kl_after": trial_kl,
-                    "kept": trial_kl < kl}
+            step = {"layer": layers[i], "to": f, "bits_from": lbits[i][assign[layers[i]].name], "bits_to": lbits[i][f],
+                    "predicted_gain": gain, "kl_before": kl, "kl_after": trial_kl, "kept": trial_kl < kl}
             repairs.append(step)
             tried.add(i)
             if trial_kl < kl:
@@ -429,18 +517,22 @@ def run_mixed(
                 assign, kl, err, pred = trial, trial_kl, trial_err, predicted(trial)
         errors["mixed"] = err
         lap("allocate + verify")
-        avg = average_bits(sizes, [assign[l].bits for l in layers])
+        avg = avg_bits(assign)
         pareto.append({"budget": budget_bits, "avg_bits": avg, "predicted_kl": pred, "kl": kl, "wer": err.wer})
         pareto.sort(key=lambda p: p["budget"])
         setter.as_quantizers(assign)
 
     layer_cal = {c.quantizer: spec_entry(*chosen_spec[c.layer]) for c in base.layers}
-    config = mixed_config(s, assign, layer_cal, "mse")
+    block_cfg = {l: block_sizes_cfg(blocks[l], modules[l].weight.dim()) for l in layers if blocks[l] is not None}
+    config = mixed_config(s, assign, layer_cal, "mse", block_cfg)
     choices = [LayerFormat(l, kinds.get(l, "other"), n, assign[l].name, assign[l].wbits, assign[l].abits,
-                           sensitivity[l][assign[l].name]) for l, n in zip(layers, sizes)]
+                           sensitivity[l][assign[l].name], lbits[i][assign[l].name],
+                           list(blocks[l]) if assign[l].blocks else None)
+               for i, (l, n) in enumerate(zip(layers, sizes))]
     dev_errors = {k: v.to_json() for k, v in errors.items()}
     return MixedResult(
         recipe="mixed", settings=asdict(s), budget_bits=float(budget_bits), avg_weight_bits=avg,
+        avg_weight_bits_no_scales=avg_bits(assign, grid_bits), block_scale_bits=float(block_scale_bits),
         compression_vs_fp32=32.0 / avg, menu=list(menu), fp8=fp8_note(), float_wer=float_wer,
         sensitivity=sensitivity, choices=choices, predicted_kl=pred, final_kl=kl, final_wer=err.wer,
         repairs=repairs, pareto=pareto, uniform=uniform,
@@ -453,17 +545,19 @@ def run_mixed(
 
 def run_mixed_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, budget_bits: float,
                      settings: Settings | None = None, state_path: str | Path | None = None, resume: bool = False,
-                     seed: int = 0, progress: bool = True) -> tuple[MixedResult, dict]:
+                     seed: int = 0, progress: bool = True,
+                     block_scale_bits: float = SCALE_BITS) -> tuple[MixedResult, dict]:
     """:func:`run_mixed` plus the report meta: dev WERs with paired-bootstrap intervals vs fp32."""
     from .asr import UtteranceErrors
     from .compare import intervals
 
     start = time.perf_counter()
     result = run_mixed(sm, calib, dev, budget_bits, settings, state_path=state_path, resume=resume,
-                       progress=progress)
+                       progress=progress, block_scale_bits=block_scale_bits)
     elapsed = time.perf_counter() - start
     errors = {k: UtteranceErrors.from_json(v) for k, v in result.dev_errors.items()}
     meta = {"model": sm.source or sm.name, "arch": sm.arch, "recipe": "mixed", "budget_bits": budget_bits,
+            "block_scale_bits": block_scale_bits,
             "calib_utterances": sum(len(b.ids) for b in calib), "dev_utterances": sum(len(b.ids) for b in dev),
             "seconds": round(elapsed, 1),
             "dev": {k: {"wer": e.wer, "cer": e.cer, "words": int(e.words.sum()),

@@ -18,9 +18,11 @@ def mixed_markdown(result, meta: dict) -> str:
         [[names.get(k, k), f"{bits.get(k, 0):.2f}", f"{32 / bits[k]:.2f}" if k in bits else "-", v["wer"],
           f"{v['word_errors']}/{v['words']}", ci_text(ci.get(k, {}).get("vs_fp32"))] for k, v in dev.items()])
     layers = markdown_table(
-        ["layer", "kind", "weights", "format", "dev KL alone", *result.menu],
-        [[short_layer(c.layer), c.kind, c.weights, f"**{c.format}**", f"{c.predicted_kl:.5f}",
-          *(f"{result.sensitivity[c.layer][f]:.4f}" for f in result.menu)] for c in result.choices])
+        ["layer", "kind", "weights", "format", "bits/weight", "dev KL alone", *result.menu],
+        [[short_layer(c.layer), c.kind, c.weights, f"**{c.format}**" + (f" (g{c.block[1]})" if c.block else ""),
+          f"{c.bits:.3g}", f"{c.predicted_kl:.5f}",
+          *(f"{result.sensitivity[c.layer][f]:.4f}" if f in result.sensitivity[c.layer] else "-" for f in result.menu)]
+         for c in result.choices])
     pareto = markdown_table(["budget", "avg bits", "predicted dev KL", "measured dev KL", "dev WER %"],
                             [[p["budget"], f"{p['avg_bits']:.3f}", f"{p['predicted_kl']:.5f}", f"{p['kl']:.5f}",
                               p["wer"]] for p in result.pareto])
@@ -34,9 +36,13 @@ def mixed_markdown(result, meta: dict) -> str:
     return "\n".join([
         f"# StableQuant mixed precision: {meta.get('model')} ({meta.get('arch')}), budget {result.budget_bits} bits",
         "",
-        f"**{result.avg_weight_bits:.3f} average bits per weight** (every Linear/Conv weight; float counts 16) = "
-        f"**{result.compression_vs_fp32:.2f}× smaller** than fp32. Formats: "
-        + ", ".join(f"{k} ×{n}" for k, n in counts.items()) + f". Menu: {', '.join(result.menu)}; {result.fp8}.",
+        f"**{result.avg_weight_bits:.3f} average bits per weight** (every Linear/Conv weight; float counts 16; "
+        f"{result.block_scale_bits:g} bits per block scale of a -blk format) = "
+        f"**{result.compression_vs_fp32:.2f}× smaller** than fp32; {result.avg_weight_bits_no_scales:.3f} bits "
+        "counting grid bits only, as ModelOpt's auto_quantize does. Formats: "
+        + ", ".join(f"{k} ×{n}" for k, n in counts.items()) + f". Menu: {', '.join(result.menu)} (-blk: one "
+        "scale per block of up to 128 weights along the reduction dim, '-' where the layer's shape takes "
+        f"none); {result.fp8}.",
         "",
         f"Dev KL to fp32: predicted (sum of per-layer scores) {result.predicted_kl:.5f}, measured "
         f"{result.final_kl:.5f}. Calibration {meta.get('calib_utterances')} utts, dev {meta.get('dev_utterances')} "
@@ -125,7 +131,8 @@ def mixed_compare_markdown(table: dict) -> str:
             for b, r in table["mixed"].items()]
     return "\n".join([
         "## Mixed precision under a size budget (`--budgets`)", "",
-        "One format per layer (float counted as 16 bits, W8A8, W6A6, W4A8, W4A16) chosen from dev "
-        f"sensitivities under the average-bits budget; fp32 test WER {table['fp32_test_wer']:.2f}.", "",
+        "One format per layer (float counted as 16 bits, W8A8, W6A6, W4A8, W4A16, and block-wise "
+        "W4A8-blk / W4A16-blk with their fp16 block scales counted) chosen from dev sensitivities under the "
+        f"average-bits budget; fp32 test WER {table['fp32_test_wer']:.2f}.", "",
         markdown_table(["system", "avg weight bits", "smaller than fp32", "dev WER %", "test WER %",
                         "Δ vs fp32 [95 % CI]", "formats"], rows), ""])

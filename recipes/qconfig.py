@@ -131,7 +131,28 @@ def load_config(path: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or "quant_cfg" not in config:
         raise ValueError(f"{path}: expected a ModelOpt config with a 'quant_cfg' key")
-    return config
+    return config_from_json(config)
+
+
+def config_from_json(config: dict) -> dict:
+    """A config read from JSON, with the integer axes of every ``block_sizes`` restored.
+
+    WORKAROUND: JSON object keys are strings, and ModelOpt 0.47's ``QuantizerAttributeConfig``
+    refuses ``{"-1": 128}`` (it wants ``{-1: 128}``), so a saved block-format config would not
+    re-apply. Remove when ModelOpt coerces numeric string keys itself.
+    """
+    def fix(cfg):
+        if isinstance(cfg, list):
+            return [fix(c) for c in cfg]
+        if not isinstance(cfg, dict):
+            return cfg
+        out = {k: fix(v) for k, v in cfg.items()}
+        if isinstance(out.get("block_sizes"), dict):
+            out["block_sizes"] = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v
+                                  for k, v in out["block_sizes"].items()}
+        return out
+
+    return {**config, "quant_cfg": fix(config["quant_cfg"])}
 
 
 def load_quantized(sm: SpeechModel, path: str | Path) -> SpeechModel:

@@ -97,7 +97,8 @@ def run_quantize(args) -> dict:
         if ranks.world > 1:
             raise ValueError("--budget-bits runs in one process; launch it without torchrun")
         result, meta = run_mixed_recipe(sm, calib, dev, args.budget_bits, settings, state_path=out_dir / "state.json",
-                                        resume=args.resume, seed=args.seed)
+                                        resume=args.resume, seed=args.seed,
+                                        block_scale_bits=args.block_scale_bits)
         meta.update(model=str(args.model), device=str(device))
         print(write_mixed_outputs(out_dir, result, meta))
         print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, pareto.png)")

@@ -1,8 +1,11 @@
-"""Block-wise INT4 weights: the block rule, per-block MSE scales against brute force, the fast fake
-quant bit for bit against ModelOpt's own block quantizer."""
+"""Block-wise INT4 weight formats: the block rule, per-block MSE scales against brute force, the
+fast fake quant bit for bit against ModelOpt's own block quantizer, mixed precision with block
+formats re-applied by a fresh mtq.quantize."""
 
 from __future__ import annotations
 
+import copy
+import json
 import warnings
 
 import numpy as np
@@ -11,13 +14,22 @@ import torch
 
 import sq_plugin  # noqa: F401
 from calibrators import per_block_mse_amax, weight_block, weight_blocks
-from recipes.fastquant import eligible, fake_quant_blocks
+from recipes.asr import forward_logits
+from recipes.fastquant import eligible, fake_quant_blocks, fast_fake_quant
+from recipes.layerwise import LogitDivergence
+from recipes.mixed import MENU, model_weight_bits, run_mixed
+from recipes.models import random_model, remove_weight_norm
+from recipes.qconfig import calibration_loop, config_from_json, load_config
+from recipes.stablequant import DevScorer, Settings
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.config import QuantizerAttributeConfig  # noqa: E402
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
 
+from test_recipe import setup  # noqa: E402,F401  (tiny random model + calib/dev sets)
+
 warnings.filterwarnings("ignore", category=UserWarning)
+SR = 16000
 
 
 def test_block_rule_comes_from_the_shape():
@@ -88,3 +100,116 @@ def test_block_fake_quant_is_modelopt_bitwise(shape, block_sizes):
         ours = fake_quant_blocks(w, mse, axis, size, 4, q.narrow_range)
         assert torch.equal(q(w), ours) and torch.equal(q(w).signbit(), ours.signbit())
         assert eligible(q)
+
+
+def block_config(int8_ffn: bool = False) -> dict:
+    """INT8 everywhere, 4-bit block weights on the CNN (input channels) and the FFNs (W4A16 unless
+    ``int8_ffn``), as the mixed menu writes them."""
+    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    cfg["quant_cfg"] += [
+        {"quantizer_name": "*conv_layers.[1-6].conv.weight_quantizer",
+         "cfg": {"num_bits": 4, "block_sizes": {-2: 32, "type": "static"}}},
+        {"quantizer_name": "*feed_forward.output_dense.weight_quantizer",
+         "cfg": {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}},
+        {"quantizer_name": "*layer_norm*", "enable": False},
+    ]
+    if not int8_ffn:
+        cfg["quant_cfg"].append({"quantizer_name": "*feed_forward.output_dense.input_quantizer", "enable": False})
+    return cfg
+
+
+def block_tiny(seed=0, int8_ffn=False):
+    sm = random_model("tiny", seed=seed)
+    remove_weight_norm(sm.model)
+    calib = torch.randn(2, SR, generator=torch.Generator().manual_seed(seed))
+    mtq.quantize(sm.model, block_config(int8_ffn), lambda m: m(calib))
+    return sm
+
+
+def test_fast_fake_quant_takes_block_quantizers_bitwise():
+    sm = block_tiny()
+    blocked = [q for q in sm.model.modules() if isinstance(q, TensorQuantizer) and q.is_enabled and q.block_sizes]
+    assert len(blocked) == 8 and all(eligible(q) for q in blocked)
+    x = torch.randn(2, 7000, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = sm.model(x).logits
+        with fast_fake_quant(sm.model):
+            assert all(q.backend for q in blocked)
+            fast = sm.model(x).logits
+    assert torch.equal(ref, fast)
+
+
+def test_mixed_block_formats_budget_and_config_round_trip(setup, tmp_path):
+    """Menu float / W8A8 / W4A16-blk at 6.2 bits on the tiny model: only the 6 CNN convs (32 input
+    channels, g32) and the 2 FFN output projections (64 inputs, g32) take blocks, at 4 + 16/32 = 4.5
+    bits; the rest must then be W8A8 (hand-worked: (20480·4.5 + 18752·8) / 39232 = 6.17 ≤ 6.2 and
+    any other choice exceeds it). The config, through JSON, re-applied by a fresh mtq.quantize,
+    gives the same quantizers, amaxes, dev KL and WER."""
+    sm, calib, dev = setup
+    result = run_mixed(sm, calib, dev, 6.2, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                       menu=("float", "W8A8", "W4A16-blk"))
+    blocked = {c.layer for c in result.choices if c.format == "W4A16-blk"}
+    assert blocked == {f"wav2vec2.feature_extractor.conv_layers.{i}.conv" for i in range(1, 7)} | \
+        {f"wav2vec2.encoder.layers.{i}.feed_forward.output_dense" for i in range(2)}
+    assert {c.format for c in result.choices if c.layer not in blocked} == {"W8A8"}
+    assert all(c.block == [1, 32] and c.bits == 4.5 for c in result.choices if c.layer in blocked)
+    assert result.avg_weight_bits == pytest.approx((20480 * 4.5 + 18752 * 8) / 39232)
+    assert result.avg_weight_bits_no_scales == pytest.approx((20480 * 4 + 18752 * 8) / 39232)
+    # the same count read back from the quantized model's weight quantizers
+    assert model_weight_bits(result.model.model) == pytest.approx(result.avg_weight_bits)
+    assert model_weight_bits(result.model.model, scale_bits=0) == pytest.approx(result.avg_weight_bits_no_scales)
+    # the layers no block fits are not offered one
+    assert "W4A16-blk" not in result.sensitivity["wav2vec2.feature_extractor.conv_layers.0.conv"]
+
+    path = tmp_path / "modelopt_config.json"
+    path.write_text(json.dumps(result.config))
+    raw = json.loads(path.read_text())
+    fresh = remove_weight_norm(copy.deepcopy(sm.model))
+    with pytest.raises(Exception, match="block_sizes"):  # why config_from_json exists (ModelOpt 0.47)
+        mtq.quantize(fresh, copy.deepcopy(raw), calibration_loop(calib))
+    assert load_config(path) == config_from_json(raw)
+    model = remove_weight_norm(copy.deepcopy(sm.model))
+    mtq.quantize(model, load_config(path), calibration_loop(calib))
+    mine = dict(result.model.model.named_modules())
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer):
+            assert q.is_enabled == mine[name].is_enabled, name
+            if q.is_enabled:
+                assert q.num_bits == mine[name].num_bits and q.block_sizes == mine[name].block_sizes, name
+                assert torch.equal(q.amax, mine[name].amax), name
+    with torch.inference_mode():
+        ref = [forward_logits(sm.model, b) for b in dev]
+        out = [forward_logits(model, b) for b in dev]
+        with fast_fake_quant(model):
+            fast = [forward_logits(model, b) for b in dev]
+    assert all(torch.equal(a, b) for a, b in zip(out, fast))
+    assert LogitDivergence(ref)(out) == pytest.approx(result.final_kl, rel=1e-5)
+    assert DevScorer(sm, dev).wer(out) == result.final_wer
+
+
+def test_model_weight_bits_counts_modelopt_int4_blockwise_with_its_padding():
+    """auto_quantize's INT4_BLOCKWISE_WEIGHT_ONLY_CFG blocks the last axis by 128, padding it: a
+    conv's 3 kernel taps get one fp16 scale (4 + 16/3 bits per weight), a 192-wide row two. Oracle:
+    that rule by hand from the shapes (ModelOpt itself counts every such weight as 4 bits)."""
+    import math
+
+    sm = random_model("tiny", seed=4)
+    remove_weight_norm(sm.model)
+    calib = torch.randn(1, SR, generator=torch.Generator().manual_seed(0))
+    mtq.quantize(sm.model, mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, lambda m: m(calib))
+    sizes, honest, grid = [], [], []
+    for name, m in sm.model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)):
+            w = m.weight
+            on = m.weight_quantizer.is_enabled
+            blocks = w.numel() // w.shape[-1] * math.ceil(w.shape[-1] / 128)
+            sizes.append(w.numel())
+            honest.append(4 + 16 * blocks / w.numel() if on else 16)
+            grid.append(4 if on else 16)
+    assert any(b > 9 for b in honest)  # the k=3 convs
+    assert model_weight_bits(sm.model) == pytest.approx(sum(n * b for n, b in zip(sizes, honest)) / sum(sizes))
+    assert model_weight_bits(sm.model, 0) == pytest.approx(sum(n * b for n, b in zip(sizes, grid)) / sum(sizes))
+
+
+def test_menu_block_formats():
+    assert MENU["W4A16-blk"].blocks and MENU["W4A16-blk"].abits is None and MENU["W4A8-blk"].abits == 8

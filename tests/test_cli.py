@@ -60,14 +60,17 @@ def test_quantize_budget_bits_writes_mixed_report_and_resumes(workspace, capsys)
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["recipe"] == "mixed" and report["avg_weight_bits"] <= 6.0
     assert len(report["choices"]) > 10 and {c["format"] for c in report["choices"]} <= \
-        {"float", "W8A8", "W6A6", "W4A8", "W4A16"}
+        {"float", "W8A8", "W6A6", "W4A8", "W4A16", "W4A8-blk", "W4A16-blk"}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "| layer | kind | weights | format |" in (out / "report.md").read_text()
     config = json.loads((out / "modelopt_config.json").read_text())
     named = {e["quantizer_name"]: e["cfg"]["num_bits"] for e in config["quant_cfg"] if "cfg" in e}
-    for c in report["choices"]:  # one exact entry per quantizer, with the chosen bits
+    blocks = {e["quantizer_name"]: e["cfg"].get("block_sizes") for e in config["quant_cfg"] if "cfg" in e}
+    for c in report["choices"]:  # one exact entry per quantizer, with the chosen bits (and blocks)
         assert named.get(f"{c['layer']}.weight_quantizer") == c["wbits"]
         assert named.get(f"{c['layer']}.input_quantizer") == c["abits"]
+        if c["block"]:
+            assert list(blocks[f"{c['layer']}.weight_quantizer"].values()) == [c["block"][1], "static"]
     # another budget reuses the sensitivities (no new evaluation of the default recipe or layers)
     state = json.loads((out / "state.json").read_text())
     assert main(_quantize_args(workspace, out, "--budget-bits", "4", "--resume")) == 0

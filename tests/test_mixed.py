@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sq_plugin  # noqa: F401
+from calibrators import weight_block
 from recipes.asr import forward_logits
 from recipes.layerwise import LogitDivergence
 from recipes.mixed import MENU, allocate, average_bits, run_mixed
@@ -72,15 +73,23 @@ def test_mixed_budget_respected_and_config_reproduces(setup):
                        pareto_budgets=(5.0,))
     sizes = [c.weights for c in result.choices]
     assert result.avg_weight_bits <= 6.0
-    assert result.avg_weight_bits == pytest.approx(average_bits(sizes, [MENU[c.format].bits for c in result.choices]))
+    # block formats add their fp16 scales: 16 bits per block of c.block[1] weights
+    assert result.avg_weight_bits == pytest.approx(average_bits(
+        sizes, [MENU[c.format].bits + (16 / c.block[1] if c.block else 0) for c in result.choices]))
     assert {c.format for c in result.choices} - {"float"}  # something is quantized
     # the allocation is optimal for the measured sensitivities (brute force is too big: check
     # that no single-layer change within budget lowers the predicted sum)
+    modules = dict(sm.model.named_modules())
     pred = sum(result.sensitivity[c.layer][c.format] for c in result.choices)
     assert pred == pytest.approx(result.predicted_kl)
     for i, c in enumerate(result.choices):
         for f in result.menu:
-            bits = [MENU[d.format].bits if j != i else MENU[f].bits for j, d in enumerate(result.choices)]
+            block = weight_block(modules[c.layer].weight.shape)
+            if MENU[f].blocks and block is None:
+                assert f not in result.sensitivity[c.layer]  # not offered where no block fits
+                continue
+            own = MENU[f].bits + (16 / block[1] if MENU[f].blocks else 0)
+            bits = [d.bits if j != i else own for j, d in enumerate(result.choices)]
             if average_bits(sizes, bits) <= 6.0:
                 assert result.sensitivity[c.layer][f] >= result.sensitivity[c.layer][c.format] - 1e-12
     # oracle: a fresh mtq.quantize of the emitted config, plain full forwards
@@ -116,5 +125,5 @@ def test_greedy_repair_keeps_only_improvements_within_budget(setup):
         assert step["kl_before"] == kl and step["kept"] == (step["kl_after"] < kl)
         if step["kept"]:
             kl = step["kl_after"]
-        assert MENU[step["to"]].bits > 4
+        assert step["bits_to"] > step["bits_from"] and step["bits_to"] > 4
     assert result.final_kl == kl and result.avg_weight_bits <= 6.0
