@@ -35,7 +35,7 @@ from torch import nn
 from torch.onnx import symbolic_helper
 
 from recipes.atomic import atomic_output
-from recipes.int4_export import pack_int4_weights
+from recipes.int4_export import block_qdq, lower_block_weights, pack_int4_weights, weight_block_spec
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class QuantSpec:
     amax: torch.Tensor  # as stored by ModelOpt (keepdims shape for per-channel)
     shift: float = 0.0  # one-sided range: x - shift is quantized, shift added back after DQ
     fp8: bool = False  # E4M3 (qmin/qmax are then -448/448)
+    block: tuple[int, int] | None = None  # a block-quantized weight: (axis, block size), packed INT4
 
     @property
     def scale(self) -> torch.Tensor:
@@ -126,8 +127,7 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
                 raise ExportError(f"{name}: asymmetric quantization (bias {q.bias}) is not supported; "
                                   "zero point must be 0 (only a static per-tensor shift is)")
             shift = float(value)
-        if q.block_sizes:
-            raise ExportError(f"{name}: block quantization {q.block_sizes} is not supported")
+        block = weight_block_spec(model, name, q) if q.block_sizes else None
         if getattr(q, "backend", None) not in (None, EXPORT_BACKEND):
             raise ExportError(f"{name}: custom quant backend {q.backend!r} has no ONNX form")
         if q.rotate_is_enabled:
@@ -141,10 +141,10 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
         if fp8 and amax.numel() > 1:
             raise ExportError(f"{name}: FP8 E4M3 export needs a per-tensor amax (ModelOpt traces E4M3 "
                               f"per tensor only); this one has shape {tuple(amax.shape)}")
-        axis = _single_axis(q, name) if amax.numel() > 1 else None
+        axis = _single_axis(q, name) if amax.numel() > 1 and block is None else None
         levels = (-E4M3_MAX, E4M3_MAX) if fp8 else int_range(bits, q.narrow_range)
         specs[name] = QuantSpec(name, 8 if fp8 else bits, *levels, axis, amax.detach().clone(),
-                                shift, fp8)
+                                shift, fp8, block)
     return specs
 
 
@@ -187,6 +187,9 @@ class _QDQ(torch.autograd.Function):
 
 def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
     from sq_plugin.modelopt_glue import amax_for, bias_for
+
+    if quantizer.block_sizes:  # a weight in ModelOpt's block layout (checked by quant_specs)
+        return block_qdq(inputs, quantizer)
 
     amax = amax_for(quantizer, inputs)
     bits, narrow = quantizer.num_bits, quantizer.narrow_range
@@ -554,7 +557,7 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     if not specs and not allow_fp32:
         raise ExportError("model has no enabled quantizer with a calibrated amax; quantize it "
                           "first (mtq.quantize) or pass allow_fp32=True for a float export")
-    note = _container_note(specs)
+    note = _container_note({n: s for n, s in specs.items() if s.block is None})  # blocks: always INT4
     if note:
         log.warning("ONNX export: %s", note)
 
@@ -600,13 +603,16 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
             absorb_weight_transposes(proto)
             fold_input_shifts(proto)
             packed = pack_int4_weights(proto, levels) if pack_int4 else 0
-            if packed:
+            blocked = lower_block_weights(proto)  # block weights are always packed INT4
+            if packed or blocked:
                 key = META_PREFIX + "container_note"
                 rest = _container_note({n: s for n, s in specs.items()
                                         if not (n.endswith("weight_quantizer") and s.num_bits <= 4)})
-                meta[key] = " ".join(filter(None, [f"{packed} weights on 4-bit grids are stored packed as ONNX "
-                                                   "INT4 (opset 21), two per byte.", rest, fp8_note, bits_note]))
-                meta[META_PREFIX + "int4_weights"] = str(packed)
+                meta[key] = " ".join(filter(None, [f"{packed + blocked} weights on 4-bit grids are stored packed as ONNX "
+                                                   "INT4 (opset 21), two per byte"
+                                                   + (f" ({blocked} with one scale per block)." if blocked else "."),
+                                                   rest, fp8_note, bits_note]))
+                meta[META_PREFIX + "int4_weights"] = str(packed + blocked)
             fp8_weights = sum(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in proto.graph.initializer)
             for key, value in meta.items():
                 proto.metadata_props.add(key=key, value=value)
@@ -619,7 +625,7 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
              folded)
     return {"path": str(out_path), "precision": meta[META_PREFIX + "precision"],
             "quantizers": len(specs), "int8_weights": folded - packed - fp8_weights,
-            "int4_weights": packed, "fp8_weights": fp8_weights,
+            "int4_weights": packed + blocked, "fp8_weights": fp8_weights,
             "bits": sorted({s.num_bits for s in specs.values()}),
             "container_note": meta.get(META_PREFIX + "container_note"),
             "size_bytes": out_path.stat().st_size}

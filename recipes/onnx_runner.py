@@ -45,7 +45,7 @@ def _qdq_conv_parts(conv, producers, consts):
         return None
     x_dq, w_dq = producers.get(conv.input[0]), producers.get(conv.input[1])
     if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or \
-            w_dq.op_type != "DequantizeLinear":
+            w_dq.op_type != "DequantizeLinear" or "block_size" in _attrs(w_dq):  # blocks: ORT's DQ -> Conv
         return None
     x_q = producers.get(x_dq.input[0])
     weight = consts.get(w_dq.input[0])

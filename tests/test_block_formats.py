@@ -1,16 +1,20 @@
 """Block-wise INT4 weight formats: the block rule, per-block MSE scales against brute force, the
 fast fake quant bit for bit against ModelOpt's own block quantizer, mixed precision with block
-formats re-applied by a fresh mtq.quantize."""
+formats re-applied by a fresh mtq.quantize, and the packed block INT4 ONNX (codes are ModelOpt's
+integers, ONNX Runtime's DequantizeLinear gives its fake-quant weights, the model runs like torch)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 import sq_plugin  # noqa: F401
 from calibrators import per_block_mse_amax, weight_block, weight_blocks
@@ -209,6 +213,118 @@ def test_model_weight_bits_counts_modelopt_int4_blockwise_with_its_padding():
     assert any(b > 9 for b in honest)  # the k=3 convs
     assert model_weight_bits(sm.model) == pytest.approx(sum(n * b for n, b in zip(sizes, honest)) / sum(sizes))
     assert model_weight_bits(sm.model, 0) == pytest.approx(sum(n * b for n, b in zip(sizes, grid)) / sum(sizes))
+
+
+# ----------------------------------------------------------------------------- ONNX export
+
+
+@pytest.fixture(scope="module")
+def blk(tmp_path_factory):
+    from recipes.export import export_onnx
+
+    sm = block_tiny(int8_ffn=True)
+    info = export_onnx(sm, tmp_path_factory.mktemp("blk") / "tiny_blk.onnx")
+    return sm, info, onnx.load(info["path"])
+
+
+def _block_dqs(proto):
+    return [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+            and any(a.name == "block_size" for a in n.attribute)]
+
+
+def test_block_weights_packed_int4_dequantize_to_modelopt_fake_quant(blk):
+    """The packed INT4 codes are exactly ModelOpt's integers (round(fake · 7/amax)); ONNX Runtime's
+    blocked DequantizeLinear alone gives its fake-quant weights up to 2 float32 ulp (torch divides
+    the integer by 7/amax, DQ multiplies it by amax/7)."""
+    import onnxruntime as ort
+
+    from recipes.int4_export import int4_values
+
+    sm, info, proto = blk
+    assert info["int4_weights"] == 8 and max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 21
+    assert not any(o.domain == "sq_plugin" for o in proto.opset_import)
+    inits = {i.name: i for i in proto.graph.initializer}
+    modules = dict(sm.model.named_modules())
+    dqs = _block_dqs(proto)
+    assert len(dqs) == 8
+    for n in dqs:
+        name = n.name.strip("/").rsplit("/", 1)[0].replace("/", ".").removeprefix("model.")
+        layer = modules[name.removesuffix(".weight_quantizer")]
+        q = layer.weight_quantizer
+        attrs = {a.name: a.i for a in n.attribute}
+        init, scale = inits[n.input[0]], inits[n.input[1]]
+        assert init.data_type == TensorProto.INT4 and attrs["block_size"] == 32
+        with torch.no_grad():
+            fake = q(layer.weight).numpy()
+        # per-element amax, from ModelOpt's per-block amax (oracle layout: the weight's own blocks)
+        (key, size), = [(k, v) for k, v in q.block_sizes.items() if k != "type"]
+        blocks, dim = weight_blocks(torch.from_numpy(fake), key % fake.ndim, size)
+        amax = torch.broadcast_to(q.amax.reshape([1 if d == dim else m for d, m in enumerate(blocks.shape)]),
+                                  blocks.shape).reshape(fake.shape).numpy()
+        codes = np.rint(fake * (np.float32(7) / amax)).astype(np.int8)
+        ints = int4_values(init)
+        transposed = ints.ndim == 2  # nn.Linear stored as W^T [in, out], blocks on axis 0
+        assert np.array_equal(ints.T if transposed else ints, codes), name
+        assert attrs["axis"] == (0 if transposed else 1)
+        g = helper.make_graph(
+            [helper.make_node("DequantizeLinear", ["w", "s"], ["y"], axis=attrs["axis"], block_size=32)], "dq", [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(init.dims))],
+            [init, numpy_helper.from_array(numpy_helper.to_array(scale), "s")])
+        g.initializer[0].name = "w"
+        dq = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+                                  .SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+        np.testing.assert_array_max_ulp(dq.T if transposed else dq, fake, maxulp=2)
+
+
+def test_block_onnx_runs_in_ort_like_torch(blk):
+    """With MatMulNBits at float accuracy (ORT's default, level 4, also quantizes its float input
+    to int8 per block) ONNX Runtime's logits are torch's within one activation step; the convs with
+    block weights stay ORT's DQ -> Conv (not lowered to the int8 GEMM, which needs one scale per
+    output channel), the per-channel CNN conv still is."""
+    import onnxruntime as ort
+
+    from recipes.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
+    from test_export import activation_step, torch_logits
+
+    sm, info, proto = blk
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    runner, default = OnnxCTCModel(info["path"], session_options=so), OnnxCTCModel(info["path"])
+    for shape in [(2, 12_000), (1, 20_000)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+        ref = torch_logits(sm, x)
+        err = np.abs(runner.logits(x.numpy()) - ref)
+        assert err.max() <= activation_step(sm) and err.mean() <= activation_step(sm) / 10
+        assert (default.logits(x.numpy()).argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+    assert lower_qdq_conv_for_ort(onnx.load(info["path"])) == 0  # conv 0 takes the waveform (depth 10)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("activation", "only weights"),
+    ("bits", "num_bits 4"),
+    ("pad", "divide"),
+])
+def test_block_export_refuses_what_it_cannot_write(tmp_path, change, message):
+    from recipes.export import ExportError, export_onnx
+
+    sm = random_model("tiny", seed=1)
+    remove_weight_norm(sm.model)
+    cfg = block_config()
+    if change == "activation":
+        cfg["quant_cfg"].append({"quantizer_name": "*feed_forward.output_dense.input_quantizer",
+                                 "cfg": {"num_bits": 8, "block_sizes": {-1: 32, "type": "static"}}})
+    elif change == "bits":
+        cfg["quant_cfg"].append({"quantizer_name": "*feed_forward.output_dense.weight_quantizer",
+                                 "cfg": {"num_bits": 8, "block_sizes": {-1: 32, "type": "static"}}})
+    else:  # blocks of 32 along the kernel taps (3): ModelOpt pads them
+        cfg["quant_cfg"].append({"quantizer_name": "*conv_layers.1.conv.weight_quantizer",
+                                 "cfg": {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}})
+    calib = torch.randn(2, SR, generator=torch.Generator().manual_seed(0))
+    mtq.quantize(sm.model, cfg, lambda m: m(calib))
+    with pytest.raises(ExportError, match=re.escape(message)) as info:
+        export_onnx(sm, tmp_path / "bad.onnx")
+    assert "quantizer" in str(info.value) and "block quantization" in str(info.value)
+    assert not list(tmp_path.iterdir())
 
 
 def test_menu_block_formats():
