@@ -1,12 +1,24 @@
 """Mixed precision on the demo: size, test WER, packed ONNX, and auto_quantize at equal bits.
 
-For each budget (default 6.4 and 4): ``stablequant quantize --budget-bits B`` (the first budget
-pays for the default recipe's W8A8 run and the sensitivities; later ones resume from the same
-state), the test WER of the torch fake-quant model, the exported ONNX (packed INT4 weights)
-with its size and ONNX Runtime test WER, and ``mtq.auto_quantize`` at the same effective bits
-with StableQuant's INT8 format beside NVIDIA's INT8 and INT4 (block 128, weight-only) formats,
-gradient scores from the CTC loss on the calibration set. Every decision uses calib/dev only;
-WERs are on the shipped test set (150 utterances).
+Two bit counts: ours charges a block format's fp16 scales (4 + 16/block bits per weight);
+ModelOpt 0.47's auto_quantize counts INT4_BLOCKWISE_WEIGHT_ONLY_CFG as num_bits = 4 (its
+``estimate_quant_compression``), scales free. Every system is measured in both
+(:func:`recipes.mixed.model_weight_bits` reads them off the quantized model), and compared with
+the other at the same count. For each budget (default 6.4 and 4):
+
+* ours, ``stablequant quantize --budget-bits B`` (scales counted; the first run pays for the
+  default recipe's W8A8 run and the sensitivities, later ones resume from the same state), and
+  the same with ``--block-scale-bits 0`` (ModelOpt's count);
+* the test WER of the re-applied config's torch fake-quant model, the exported ONNX (packed INT4
+  weights, block scales) with its size and ONNX Runtime test WER;
+* ``mtq.auto_quantize`` with StableQuant's INT8 format beside NVIDIA's INT8 and INT4 (block 128,
+  weight-only) formats, gradient scores from the CTC loss on the calibration set: at
+  ``effective_bits`` B (its count), and at the largest target whose scales-counted bits are <= B
+  (target lowered by the overshoot, at most 4 tries; none where even the smallest overshoots);
+* paired-bootstrap 95 % intervals (test utterances, 1000 resamples) of ours minus auto_quantize
+  at each count.
+
+Every decision uses calib/dev only; WERs are on the shipped test set (150 utterances).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mixed.py [--budgets 6.4 4] [--work runs/bench_mixed]
 """
@@ -38,7 +50,7 @@ def main(argv=None) -> None:
     import torch
 
     import sq_plugin
-    from recipes.asr import forward_logits
+    from recipes.asr import forward_logits, paired_bootstrap
     from recipes.atomic import write_json_atomic, write_text_atomic
     from recipes.autoquant import run_auto_quantize
     from recipes.cli import main as cli
@@ -46,6 +58,7 @@ def main(argv=None) -> None:
     from recipes.demo import demo_data
     from recipes.export import export_onnx
     from recipes.fastquant import fast_fake_quant
+    from recipes.mixed import model_weight_bits
     from recipes.models import resolve_model
     from recipes.onnx_runner import run_eval_onnx
     from recipes.qconfig import load_config, quantize_copy
@@ -60,24 +73,33 @@ def main(argv=None) -> None:
     dev = make_batches(open_dataset(demo_data("dev")), sm)
     scorer, dev_scorer = DevScorer(sm, test), DevScorer(sm, dev)
 
-    def test_wer(model, on=None) -> float:
+    def errors(model, on=None):
         on = on or scorer
         with torch.inference_mode(), fast_fake_quant(model):
-            return on.wer([forward_logits(model, b) for b in on.batches])
+            return on.errors([forward_logits(model, b) for b in on.batches])
 
-    fp32_wer = test_wer(sm.model)
+    fp32_err = errors(sm.model)
+    fp32_wer = fp32_err.wer
     fp32_onnx = export_onnx(sm, work / "fp32.onnx", allow_fp32=True)
-    out = {"fp32": {"test_wer": fp32_wer, "onnx_bytes": fp32_onnx["size_bytes"]}, "budgets": {}}
+    out = {"fp32": {"test_wer": fp32_wer, "onnx_bytes": fp32_onnx["size_bytes"]}, "budgets": {},
+           "bit_counts": {"scales": "grid bits + 16 per block scale (fp16) of block formats; float 16",
+                          "grid": "grid bits only (ModelOpt 0.47 auto_quantize: INT4_BLOCKWISE = 4); float 16"}}
     state_dir = work / "search"
-    for k, budget in enumerate(a.budgets):
-        run_dir = work / f"budget_{budget}"
+    utt_errors = {}
+
+    def bits_of(model) -> dict:
+        return {"scales": model_weight_bits(model), "grid": model_weight_bits(model, 0)}
+
+    def ours(budget: float, scale_bits: float) -> tuple[dict, object]:
+        run_dir = work / f"budget_{budget}" if scale_bits == 16 else work / f"budget_{budget}_s{scale_bits:g}"
         run_dir.mkdir(exist_ok=True)
         for name in ("state.json", "state_w8a8.json"):  # share the budget-free search state
             if (state_dir / name).exists():
                 (run_dir / name).write_bytes((state_dir / name).read_bytes())
         start = time.perf_counter()
         resume = (run_dir / "state.json").exists()
-        args = ["quantize", "--model", "demo", "--budget-bits", str(budget), "--out", str(run_dir), "--overwrite"]
+        args = ["quantize", "--model", "demo", "--budget-bits", str(budget), "--block-scale-bits", f"{scale_bits:g}",
+                "--out", str(run_dir), "--overwrite"]
         if cli(args + (["--resume"] if resume else [])) != 0:
             raise SystemExit(f"quantize --budget-bits {budget} failed")
         seconds = time.perf_counter() - start
@@ -86,48 +108,100 @@ def main(argv=None) -> None:
             (state_dir / name).write_bytes((run_dir / name).read_bytes())
         report = json.loads((run_dir / "report.json").read_text())
         qsm = quantize_copy(sm, load_config(run_dir / "modelopt_config.json"), calib)  # the config, re-applied
-        row = {"avg_weight_bits": report["avg_weight_bits"], "compression_vs_fp32": report["compression_vs_fp32"],
+        err = errors(qsm.model)
+        row = {"block_scale_bits": scale_bits, "avg_weight_bits": report["avg_weight_bits"],
+               "avg_weight_bits_no_scales": report["avg_weight_bits_no_scales"], "bits": bits_of(qsm.model),
+               "compression_vs_fp32": report["compression_vs_fp32"],
                "dev_wer": report["final_wer"], "dev_fp32_wer": report["float_wer"],
-               "dev_wer_reapplied": test_wer(qsm.model, dev_scorer),
-               "test_wer": test_wer(qsm.model), "search_seconds": report["meta"]["seconds"],
+               "dev_wer_reapplied": errors(qsm.model, dev_scorer).wer,
+               "test_wer": err.wer, "search_seconds": report["meta"]["seconds"],
                "search_phases": report["seconds"], "resumed": resume, "run_seconds": round(seconds, 1),
                "formats": {}}
         for c in report["choices"]:
-            row["formats"][c["format"]] = row["formats"].get(c["format"], 0) + 1
-        info = export_onnx(qsm, work / f"mixed_{budget}.onnx")
+            key = c["format"] + (f" g{c['block'][1]}" if c.get("block") else "")
+            row["formats"][key] = row["formats"].get(key, 0) + 1
+        info = export_onnx(qsm, work / f"mixed_{budget}_s{scale_bits:g}.onnx")
         ort = run_eval_onnx(info["path"], model="demo", progress=False, print_table=False)
         row.update(onnx_bytes=info["size_bytes"], onnx_int4_weights=info["int4_weights"],
                    onnx_smaller_than_fp32=fp32_onnx["size_bytes"] / info["size_bytes"], onnx_test_wer=ort["wer"])
+        return row, err
+
+    def auto_quantize(target: float) -> tuple[dict, object]:
+        start = time.perf_counter()
+        aq, state = run_auto_quantize(sm, calib, target, [sq_plugin.STABLEQUANT_INT8_CFG, "INT8_DEFAULT_CFG",
+                                                          "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"])
+        chosen: dict[str, int] = {}
+        for r in state["best"]["recipe"].values():
+            name = str(r).split("(")[0]
+            name = {"CUSTOM_0": "stablequant INT8"}.get(name, name)
+            chosen[name] = chosen.get(name, 0) + 1
+        err = errors(aq.model)
+        return {"target": target, "effective_bits": state["best"]["constraints"]["effective_bits"],
+                "bits": bits_of(aq.model), "test_wer": err.wer, "formats": chosen,
+                "seconds": round(time.perf_counter() - start, 1)}, err
+
+    for budget in a.budgets:
+        key = str(float(budget))
+        row = {}
+        for count, scale_bits in (("scales", 16.0), ("grid", 0.0)):
+            row[f"ours_{count}"], utt_errors[key, "ours", count] = ours(budget, scale_bits)
+            print(json.dumps({key: row[f"ours_{count}"]}, indent=1, default=str), flush=True)
         if not a.skip_autoquant:
-            start = time.perf_counter()
-            aq, state = run_auto_quantize(sm, calib, budget, [sq_plugin.STABLEQUANT_INT8_CFG, "INT8_DEFAULT_CFG",
-                                                              "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"])
-            chosen: dict[str, int] = {}
-            for r in state["best"]["recipe"].values():
-                name = str(r).split("(")[0]
-                chosen[name] = chosen.get(name, 0) + 1
-            row["auto_quantize"] = {"effective_bits": state["best"]["constraints"]["effective_bits"],
-                                    "test_wer": test_wer(aq.model), "formats": chosen,
-                                    "seconds": round(time.perf_counter() - start, 1)}
-        out["budgets"][str(float(budget))] = row
-        print(json.dumps({str(budget): row}, indent=1, default=str))
+            last, err = auto_quantize(budget)
+            row["aq_grid"], utt_errors[key, "aq", "grid"] = last, err
+            fits, tries, target = last["bits"]["scales"] <= budget + 1e-9, [], budget
+            while not fits and len(tries) < 4:  # lower the target by the overshoot until it fits
+                target = round(target - (last["bits"]["scales"] - budget), 3)
+                if target < 4.0:  # below its smallest format's count: nothing fits
+                    break
+                last, err = auto_quantize(target)
+                tries.append({k: last[k] for k in ("target", "bits", "test_wer")})
+                fits = last["bits"]["scales"] <= budget + 1e-9
+            row["aq_scales"] = last if fits else None
+            row["aq_scales_tries"] = tries
+            if fits:
+                utt_errors[key, "aq", "scales"] = err
+            for count in ("scales", "grid"):
+                if row.get(f"aq_{count}") is not None:
+                    a_err, b_err = utt_errors[key, "ours", count], utt_errors[key, "aq", count]
+                    row[f"ours_minus_aq_{count}"] = paired_bootstrap(a_err.word_edits, b_err.word_edits,
+                                                                     a_err.words, 1000, 0)
+        out["budgets"][key] = row
+        print(json.dumps({key: row}, indent=1, default=str), flush=True)
     write_json_atomic(RESULTS, out)
+
+    def fmt(formats):
+        return ", ".join(f"{k} ×{n}" for k, n in formats.items())
+
     rows = []
     for b, r in out["budgets"].items():
-        rows.append([f"mixed, budget {b} (ours)", f"{r['avg_weight_bits']:.2f}", f"{r['compression_vs_fp32']:.2f}×",
-                     r["test_wer"], f"{r['test_wer'] - fp32_wer:+.2f}", r["onnx_test_wer"],
-                     f"{r['onnx_smaller_than_fp32']:.2f}×",
-                     ", ".join(f"{k} ×{n}" for k, n in r["formats"].items())])
-        if "auto_quantize" in r:
-            q = r["auto_quantize"]
-            rows.append([f"auto_quantize, {b} bits", f"{q['effective_bits']:.2f}", f"{32 / q['effective_bits']:.2f}×",
-                         q["test_wer"], f"{q['test_wer'] - fp32_wer:+.2f}", "-", "-",
-                         ", ".join(f"{k} ×{n}" for k, n in q["formats"].items())])
-    md = markdown_table(["system", "avg weight bits", "smaller than fp32", "test WER %", "Δ vs fp32",
-                         "ONNX Runtime test WER %", "ONNX smaller than fp32 ONNX", "formats"], rows)
+        for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
+            o = r[f"ours_{count}"]
+            rows.append([f"ours, budget {b} ({label})", f"{o['bits']['scales']:.3f}", f"{o['bits']['grid']:.3f}",
+                         f"{32 / o['bits']['scales']:.2f}×", o["test_wer"], f"{o['test_wer'] - fp32_wer:+.2f}",
+                         o["onnx_test_wer"], f"{o['onnx_smaller_than_fp32']:.2f}×", fmt(o["formats"])])
+            q = r.get(f"aq_{count}")
+            if q is None and f"aq_{count}" in r:
+                rows.append([f"auto_quantize at {b} ({label})", "-", "-", "-", "infeasible", "-", "-", "-",
+                             "its smallest format overshoots the budget once scales are counted"])
+            elif q is not None:
+                rows.append([f"auto_quantize, effective_bits {q['target']} ({label} ≤ {b})",
+                             f"{q['bits']['scales']:.3f}", f"{q['bits']['grid']:.3f}", f"{32 / q['bits']['scales']:.2f}×",
+                             q["test_wer"], f"{q['test_wer'] - fp32_wer:+.2f}", "-", "-", fmt(q["formats"])])
+    md = markdown_table(["system", "bits/weight, scales counted", "bits/weight, ModelOpt's count",
+                         "smaller than fp32 (scales counted)", "test WER %", "Δ vs fp32", "ONNX Runtime test WER %",
+                         "ONNX smaller than fp32 ONNX", "formats"], rows)
+    cis = []
+    for b, r in out["budgets"].items():
+        for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
+            ci = r.get(f"ours_minus_aq_{count}")
+            if ci:
+                cis.append(f"* budget {b}, {label}: ours − auto_quantize = {ci['diff']:+.2f} "
+                           f"[{ci['low']:+.2f}, {ci['high']:+.2f}] test WER points (paired bootstrap 95 %)")
     write_text_atomic(RESULTS.with_suffix(".md"), f"fp32 test WER {fp32_wer:.2f}, fp32 ONNX "
-                      f"{fp32_onnx['size_bytes'] / 2**20:.2f} MiB\n\n{md}\n")
+                      f"{fp32_onnx['size_bytes'] / 2**20:.2f} MiB\n\n{md}\n\n" + "\n".join(cis) + "\n")
     print(md)
+    print("\n".join(cis))
 
 
 if __name__ == "__main__":
