@@ -280,7 +280,7 @@ def test_block_onnx_runs_in_ort_like_torch(blk):
     """With MatMulNBits at float accuracy (ORT's default, level 4, also quantizes its float input
     to int8 per block) ONNX Runtime's logits are torch's within one activation step; the convs with
     block weights stay ORT's DQ -> Conv (not lowered to the int8 GEMM, which needs one scale per
-    output channel), the per-channel CNN conv still is."""
+    output channel), the per-channel positional conv still is."""
     import onnxruntime as ort
 
     from recipes.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
@@ -296,7 +296,12 @@ def test_block_onnx_runs_in_ort_like_torch(blk):
         err = np.abs(runner.logits(x.numpy()) - ref)
         assert err.max() <= activation_step(sm) and err.mean() <= activation_step(sm) / 10
         assert (default.logits(x.numpy()).argmax(-1) == ref.argmax(-1)).mean() >= 0.99
-    assert lower_qdq_conv_for_ort(onnx.load(info["path"])) == 0  # conv 0 takes the waveform (depth 10)
+    lowered = onnx.load(info["path"])
+    assert lower_qdq_conv_for_ort(lowered) == 1  # the per-channel positional conv (conv 0: depth 10)
+    producers = {o: n for n in lowered.graph.node for o in n.output}
+    kept = [c for c in lowered.graph.node if c.op_type == "Conv" and producers[c.input[1]].op_type == "DequantizeLinear"
+            and any(a.name == "block_size" for a in producers[c.input[1]].attribute)]
+    assert len(kept) == 6  # the six block-quantized CNN convs stay DQ -> Conv
 
 
 @pytest.mark.parametrize("change, message", [
