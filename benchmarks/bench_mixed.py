@@ -58,6 +58,7 @@ def main(argv=None) -> None:
     from recipes.demo import demo_data
     from recipes.export import export_onnx
     from recipes.fastquant import fast_fake_quant
+    from recipes.layerwise import LogitDivergence
     from recipes.mixed import model_weight_bits
     from recipes.models import resolve_model
     from recipes.onnx_runner import run_eval_onnx
@@ -78,10 +79,21 @@ def main(argv=None) -> None:
         with torch.inference_mode(), fast_fake_quant(model):
             return on.errors([forward_logits(model, b) for b in on.batches])
 
+    with torch.inference_mode():
+        fp32_dev = [forward_logits(sm.model, b) for b in dev]
+    dev_kl = LogitDivergence(fp32_dev)
+
+    def dev_scores(model) -> dict:
+        """Dev WER and dev KL to fp32 (our search's score): where a test gap shows before the test."""
+        with torch.inference_mode(), fast_fake_quant(model):
+            logits = [forward_logits(model, b) for b in dev]
+        return {"dev_wer": dev_scorer.wer(logits), "dev_kl": dev_kl(logits)}
+
     fp32_err = errors(sm.model)
     fp32_wer = fp32_err.wer
     fp32_onnx = export_onnx(sm, work / "fp32.onnx", allow_fp32=True)
-    out = {"fp32": {"test_wer": fp32_wer, "onnx_bytes": fp32_onnx["size_bytes"]}, "budgets": {},
+    out = {"fp32": {"test_wer": fp32_wer, "dev_wer": dev_scorer.wer(fp32_dev), "onnx_bytes": fp32_onnx["size_bytes"]},
+           "budgets": {},
            "bit_counts": {"scales": "grid bits + 16 per block scale (fp16) of block formats; float 16",
                           "grid": "grid bits only (ModelOpt 0.47 auto_quantize: INT4_BLOCKWISE = 4); float 16"}}
     state_dir = work / "search"
@@ -113,7 +125,7 @@ def main(argv=None) -> None:
                "avg_weight_bits_no_scales": report["avg_weight_bits_no_scales"], "bits": bits_of(qsm.model),
                "compression_vs_fp32": report["compression_vs_fp32"],
                "dev_wer": report["final_wer"], "dev_fp32_wer": report["float_wer"],
-               "dev_wer_reapplied": errors(qsm.model, dev_scorer).wer,
+               "dev_wer_reapplied": errors(qsm.model, dev_scorer).wer, "dev_kl": report["final_kl"],
                "test_wer": err.wer, "search_seconds": report["meta"]["seconds"],
                "search_phases": report["seconds"], "resumed": resume, "run_seconds": round(seconds, 1),
                "formats": {}}
@@ -137,7 +149,7 @@ def main(argv=None) -> None:
             chosen[name] = chosen.get(name, 0) + 1
         err = errors(aq.model)
         return {"target": target, "effective_bits": state["best"]["constraints"]["effective_bits"],
-                "bits": bits_of(aq.model), "test_wer": err.wer, "formats": chosen,
+                "bits": bits_of(aq.model), "test_wer": err.wer, **dev_scores(aq.model), "formats": chosen,
                 "seconds": round(time.perf_counter() - start, 1)}, err
 
     for budget in a.budgets:
@@ -155,7 +167,7 @@ def main(argv=None) -> None:
                 if target < 4.0:  # below its smallest format's count: nothing fits
                     break
                 last, err = auto_quantize(target)
-                tries.append({k: last[k] for k in ("target", "bits", "test_wer")})
+                tries.append({k: last[k] for k in ("target", "bits", "test_wer", "dev_wer", "dev_kl")})
                 fits = last["bits"]["scales"] <= budget + 1e-9
             row["aq_scales"] = last if fits else None
             row["aq_scales_tries"] = tries
@@ -178,19 +190,21 @@ def main(argv=None) -> None:
         for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
             o = r[f"ours_{count}"]
             rows.append([f"ours, budget {b} ({label})", f"{o['bits']['scales']:.3f}", f"{o['bits']['grid']:.3f}",
-                         f"{32 / o['bits']['scales']:.2f}×", o["test_wer"], f"{o['test_wer'] - fp32_wer:+.2f}",
-                         o["onnx_test_wer"], f"{o['onnx_smaller_than_fp32']:.2f}×", fmt(o["formats"])])
+                         f"{32 / o['bits']['scales']:.2f}×", f"{o['dev_wer']:.2f}", f"{o['dev_kl']:.5f}", o["test_wer"],
+                         f"{o['test_wer'] - fp32_wer:+.2f}", o["onnx_test_wer"], f"{o['onnx_smaller_than_fp32']:.2f}×",
+                         fmt(o["formats"])])
             q = r.get(f"aq_{count}")
             if q is None and f"aq_{count}" in r:
-                rows.append([f"auto_quantize at {b} ({label})", "-", "-", "-", "infeasible", "-", "-", "-",
+                rows.append([f"auto_quantize at {b} ({label})", "-", "-", "-", "-", "-", "infeasible", "-", "-", "-",
                              "its smallest format overshoots the budget once scales are counted"])
             elif q is not None:
                 rows.append([f"auto_quantize, effective_bits {q['target']} ({label} ≤ {b})",
                              f"{q['bits']['scales']:.3f}", f"{q['bits']['grid']:.3f}", f"{32 / q['bits']['scales']:.2f}×",
-                             q["test_wer"], f"{q['test_wer'] - fp32_wer:+.2f}", "-", "-", fmt(q["formats"])])
+                             f"{q['dev_wer']:.2f}", f"{q['dev_kl']:.5f}", q["test_wer"],
+                             f"{q['test_wer'] - fp32_wer:+.2f}", "-", "-", fmt(q["formats"])])
     md = markdown_table(["system", "bits/weight, scales counted", "bits/weight, ModelOpt's count",
-                         "smaller than fp32 (scales counted)", "test WER %", "Δ vs fp32", "ONNX Runtime test WER %",
-                         "ONNX smaller than fp32 ONNX", "formats"], rows)
+                         "smaller than fp32 (scales counted)", "dev WER %", "dev KL to fp32", "test WER %",
+                         "Δ vs fp32", "ONNX Runtime test WER %", "ONNX smaller than fp32 ONNX", "formats"], rows)
     cis = []
     for b, r in out["budgets"].items():
         for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
@@ -198,7 +212,7 @@ def main(argv=None) -> None:
             if ci:
                 cis.append(f"* budget {b}, {label}: ours − auto_quantize = {ci['diff']:+.2f} "
                            f"[{ci['low']:+.2f}, {ci['high']:+.2f}] test WER points (paired bootstrap 95 %)")
-    write_text_atomic(RESULTS.with_suffix(".md"), f"fp32 test WER {fp32_wer:.2f}, fp32 ONNX "
+    write_text_atomic(RESULTS.with_suffix(".md"), f"fp32 test WER {fp32_wer:.2f}, dev WER {out['fp32']['dev_wer']:.2f}, fp32 ONNX "
                       f"{fp32_onnx['size_bytes'] / 2**20:.2f} MiB\n\n{md}\n\n" + "\n".join(cis) + "\n")
     print(md)
     print("\n".join(cis))
