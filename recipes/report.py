@@ -13,7 +13,9 @@ from .stablequant import StableQuantResult
 
 REAPPLY = ("Re-apply with `import sq_plugin`, `recipes.models.remove_weight_norm(model)` (ModelOpt cannot wrap "
            "the positional conv's weight norm), then "
-           "`mtq.quantize(model, json.load(open('modelopt_config.json')), forward_loop)`.")
+           "`mtq.quantize(model, json.load(open('modelopt_config.json')), forward_loop)` (a config with "
+           "`block_sizes`: `recipes.qconfig.load_config('modelopt_config.json')` instead of `json.load`, which "
+           "turns their integer axes into strings ModelOpt 0.47 refuses).")
 SYSTEM_NAMES = {"fp32": "fp32", "max": "Max", "percentile": "Percentile", "mse": "MSE", "entropy": "Entropy",
                 "stablequant_paper": "StableQuant (paper recipe)", "stablequant": "StableQuant (default recipe)"}
 
