@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=BITS, default=8, help="bits for weights and activations")
     q.add_argument("--wbits", type=BITS, default=None, help="weight bits (default: --bits)")
     q.add_argument("--budget-bits", type=_number(float, 4.0, 16.0), default=None, metavar="B",
-                   help="mixed precision: one format per layer (float, W8A8, W6A6, W4A8, W4A16, and W4A8-blk / "
-                        "W4A16-blk with one scale per block of up to 128 weights) with at most B average bits per "
+                   help="mixed precision: one format per layer (float, W8A8, W6A6, W4A8, W4A16, W4A8-blk / "
+                        "W4A16-blk with one scale per block of up to 128 weights, FP8 E4M3 W8A8) with at most B average bits per "
                         "Linear/Conv weight (float counts 16), chosen from dev sensitivities; without it every "
                         "layer gets --bits")
     q.add_argument("--block-scale-bits", type=_number(float, 0.0, 32.0), default=16.0, metavar="S",

@@ -24,8 +24,8 @@ demo the CNN front end carries almost the whole W6A6 loss). ``stablequant quanti
 
 The output is a plain ModelOpt config with one entry per quantizer (bits, axis or block_sizes, enable) and the
 "stablequant" algorithm's ``layer_calibrators`` / ``weight_calibrator``; a fresh
-``mtq.quantize`` re-applies it. FP8 is not in the menu: this CPU machine has no FP8 kernels in
-ModelOpt, and no GPU was available to validate it (``fp8_note``).
+``mtq.quantize`` re-applies it. FP8 W8A8 (E4M3 per tensor, max ranges) is scored with
+ModelOpt's own fake quant, which runs on the CPU (``fp8_note``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from sq_plugin.modelopt_glue import E4M3
 
 from .asr import forward_logits
 from .fastquant import fake_quant_blocks, fake_quant_int, fast_fake_quant
@@ -65,11 +67,21 @@ class Format:
     wbits: int | None
     abits: int | None
     blocks: bool = False
+    fp8: bool = False  # E4M3 weights and inputs, per tensor, max ranges (ModelOpt's FP8 default)
 
     @property
     def bits(self) -> int:
         """Bits per weight of the integer grid (float: ``FLOAT_BITS``), scales not counted."""
         return self.wbits or FLOAT_BITS
+
+    @property
+    def weight_num_bits(self) -> int | tuple[int, int] | None:
+        """``num_bits`` of the weight quantizer as ModelOpt writes it."""
+        return E4M3 if self.fp8 else self.wbits
+
+    @property
+    def input_num_bits(self) -> int | tuple[int, int] | None:
+        return E4M3 if self.fp8 and self.abits else self.abits
 
 
 MENU = {f.name: f for f in (
@@ -80,6 +92,7 @@ MENU = {f.name: f for f in (
     Format("W4A16", 4, None),
     Format("W4A8-blk", 4, 8, blocks=True),
     Format("W4A16-blk", 4, None, blocks=True),
+    Format("FP8", 8, 8, fp8=True),
 )}
 UNIFORM_POINTS = ("W8A8", "W6A6", "W4A8")  # uniform references on the Pareto plot
 
@@ -112,6 +125,8 @@ def model_weight_bits(model: torch.nn.Module, scale_bits: float = SCALE_BITS) ->
         sizes.append(n)
         if q is None or not q.is_enabled or not quantizes(q):
             bits.append(float(FLOAT_BITS))
+        elif isinstance(q.num_bits, (tuple, list)):  # (exponent, mantissa): + sign bit, FP8 = 8
+            bits.append(1.0 + sum(q.num_bits))
         elif not isinstance(q.num_bits, int):
             raise ValueError(f"{info.path}: cannot count bits of num_bits={q.num_bits!r}")
         else:
@@ -127,13 +142,11 @@ def block_sizes_cfg(block: tuple[int, int], ndim: int) -> dict:
 
 
 def fp8_note() -> str:
-    """Why FP8 W8A8 is not in the menu on this device."""
-    if not torch.cuda.is_available():
-        return "FP8 skipped: no CUDA device (ModelOpt's FP8 fake quant needs an Ada/Hopper GPU)"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        return f"FP8 skipped: GPU compute capability {major}.{minor} < 8.9"
-    return "FP8 not offered: not implemented in this menu yet"
+    """How FP8 W8A8 is evaluated and where it runs as FP8."""
+    where = "this GPU runs it in FP8" if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) \
+        else "TensorRT runs it in FP8 on Ada/Hopper GPUs; ONNX Runtime's CPU EP dequantizes it to fp32"
+    return ("FP8 W8A8: E4M3 weights and inputs per tensor with max ranges (ModelOpt's FP8 default), "
+            f"scored with ModelOpt's fake quant; {where}")
 
 
 # ----------------------------------------------------------------------------- allocation (pure)
@@ -256,16 +269,20 @@ class FormatSetter:
         # amax (per channel, ModelOpt's shape; or per block, calibrators.weight_blocks' layout)
         self.act_amax, self.weight_amax = act_amax, weight_amax
         self.blocks = blocks or {}  # layer -> (axis, size) of its block formats
-        self._folded: dict[tuple[str, int, bool], torch.Tensor] = {}
+        self._folded: dict[tuple[str, int, bool, bool], torch.Tensor] = {}
 
     def folded_weight(self, layer: str, fmt: Format) -> torch.Tensor:
-        key = (layer, fmt.wbits, fmt.blocks)
+        key = (layer, fmt.wbits, fmt.blocks, fmt.fp8)
         if key not in self._folded:
+            from modelopt.torch.quantization.tensor_quant import scaled_e4m3
+
             from sq_plugin.modelopt_glue import _amax_shape
 
             q, w = self.modules[layer].weight_quantizer, self.original[layer]
             amax = self.weight_amax(layer, fmt)
-            if fmt.blocks:
+            if fmt.fp8:
+                self._folded[key] = scaled_e4m3(w, amax, None, *E4M3)
+            elif fmt.blocks:
                 self._folded[key] = fake_quant_blocks(w, amax, *self.blocks[layer], fmt.wbits, q.narrow_range)
             else:
                 self._folded[key] = fake_quant_int(w, amax.reshape(_amax_shape(q, w)), fmt.wbits, False,
@@ -273,14 +290,21 @@ class FormatSetter:
         return self._folded[key]
 
     def _activation(self, layer: str, fmt: Format) -> None:
+        from sq_plugin.modelopt_glue import clear_shift, set_shift
+
         q = self.modules[layer].input_quantizer
         if fmt.abits is None:
             q.disable()
         else:
-            q.num_bits = fmt.abits
-            q.amax, shift = self.act_amax(layer, fmt.abits)
+            q.num_bits = fmt.input_num_bits
+            q.amax, shift = self.act_amax(layer, fmt.input_num_bits)
             if shift is not None:  # a one-sided range: its shift moves with the bit width
-                q.bias_value = shift
+                if q.bias is None:
+                    set_shift(q, shift)
+                else:
+                    q.bias_value = shift
+            elif q.bias is not None:  # FP8 takes the plain range
+                clear_shift(q)
             q.enable()
 
     def fold(self, assign: dict[str, Format]) -> None:
@@ -304,7 +328,7 @@ class FormatSetter:
             else:
                 w = self.original[layer]
                 blocks = block_sizes_cfg(self.blocks[layer], w.dim()) if fmt.blocks else None
-                set_weight_format(wq, w, fmt.wbits, self.weight_amax(layer, fmt), blocks)
+                set_weight_format(wq, w, fmt.weight_num_bits, self.weight_amax(layer, fmt), blocks)
                 wq.enable()
             self._activation(layer, fmt)
 
@@ -317,12 +341,13 @@ def mixed_config(s: Settings, assign: dict[str, Format], layer_calibrators: dict
     for layer, fmt in assign.items():
         if fmt.wbits is not None:
             cfg = {"num_bits": fmt.wbits, "block_sizes": dict(block_sizes[layer])} if fmt.blocks \
-                else {"num_bits": fmt.wbits, "axis": 0}
+                else {"num_bits": E4M3, "axis": None} if fmt.fp8 else {"num_bits": fmt.wbits, "axis": 0}
             quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": cfg})
         if fmt.abits is not None:
             quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer",
-                              "cfg": {"num_bits": fmt.abits, "axis": None}})
-    enabled = {f"{l}.input_quantizer" for l, f in assign.items() if f.abits is not None}
+                              "cfg": {"num_bits": fmt.input_num_bits, "axis": None}})
+    # FP8 inputs keep ModelOpt's max calibration (the "stablequant" algorithm leaves them be)
+    enabled = {f"{l}.input_quantizer" for l, f in assign.items() if f.abits is not None and not f.fp8}
     return {"quant_cfg": quant_cfg, "algorithm": {
         "method": "stablequant", "cutoff": 0.0, "clip_layers": [], "num_bins": int(s.num_bins),
         "layer_calibrators": {n: e for n, e in layer_calibrators.items() if n in enabled},
@@ -386,11 +411,15 @@ def run_mixed(
     chosen_spec = {c.layer: specs[c.chosen] for c in base.layers}
     act_cache: dict[tuple[str, int], tuple] = {}
 
-    def act_amax(layer: str, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The default recipe's calibrator for this input, re-run on its histogram at ``bits``."""
+    def act_amax(layer: str, bits) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The default recipe's calibrator for this input, re-run on its histogram at ``bits``;
+        FP8 (``E4M3``): the histogram's max |x| (max calibration, ModelOpt's FP8 default)."""
         if (layer, bits) not in act_cache:
             q = modules[layer].input_quantizer
             cal = calibrator_of(q)
+            if bits == E4M3:
+                act_cache[layer, bits] = (torch.as_tensor(float(cal.histogram.amax)).to(q.amax.device), None)
+                return act_cache[layer, bits]
             name, kw, shift = chosen_spec[layer]
             searcher = calibrator_class(name)(num_bits=bits, unsigned=q.unsigned, num_bins=s.num_bins,
                                               shift=shift, **kw)
@@ -404,16 +433,19 @@ def run_mixed(
         return act_cache[layer, bits]
 
     weight_max = {l: modules[l].weight_quantizer.amax.clone() for l in layers}
-    w_cache: dict[tuple[str, int, bool], torch.Tensor] = {}
+    w_cache: dict[tuple[str, int, bool, bool], torch.Tensor] = {}
 
     def weight_amax(layer: str, fmt: Format) -> torch.Tensor:
-        """MSE-optimal weight amax per output channel, or per block of a block format."""
-        key = (layer, fmt.wbits, fmt.blocks)
+        """MSE-optimal weight amax per output channel, or per block of a block format; FP8: the
+        max |w| (per tensor, as ModelOpt's FP8 default)."""
+        key = (layer, fmt.wbits, fmt.blocks, fmt.fp8)
         if key not in w_cache:
             m = modules[layer]
             from sq_plugin.modelopt_glue import _amax_shape
 
-            if fmt.blocks:
+            if fmt.fp8:
+                w_cache[key] = weight_max[layer].max().reshape(())
+            elif fmt.blocks:
                 w_cache[key] = per_block_mse_amax(setter.original[layer], *blocks[layer], fmt.wbits)
             else:
                 shape = _amax_shape(m.weight_quantizer, m.weight)

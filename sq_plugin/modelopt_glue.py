@@ -114,6 +114,9 @@ def bias_for(q: TensorQuantizer, inputs: torch.Tensor) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- the algorithm
 
 
+E4M3 = (4, 3)  # ModelOpt's num_bits for FP8 E4M3
+
+
 def is_float_format(q: TensorQuantizer) -> bool:
     """ModelOpt's float formats give num_bits as (exponent, mantissa) bits, e.g. (4, 3) for FP8 E4M3."""
     return isinstance(q.num_bits, (tuple, list))
@@ -236,6 +239,14 @@ def set_shift(q: TensorQuantizer, bias: torch.Tensor | float) -> None:
     q.bias_value = torch.as_tensor(bias, dtype=torch.float32, device=q.amax.device).reshape(())
 
 
+def clear_shift(q: TensorQuantizer) -> None:
+    """Undo :func:`set_shift` (ModelOpt has no public way to drop a bias once configured)."""
+    q._bias = None
+    q._bias_calibrator = None
+    if hasattr(q, "_bias_value"):
+        delattr(q, "_bias_value")
+
+
 def weight_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, TensorQuantizer]]:
     """Enabled weight quantizers by module path, with the module whose ``weight`` they quantize."""
     return {
@@ -272,7 +283,7 @@ def blocked_weight(q: TensorQuantizer, weight: torch.Tensor) -> torch.Tensor:
     return q._process_for_blockquant(weight)
 
 
-def set_weight_format(q: TensorQuantizer, weight: torch.Tensor, num_bits: int, amax: torch.Tensor,
+def set_weight_format(q: TensorQuantizer, weight: torch.Tensor, num_bits: int | tuple, amax: torch.Tensor,
                       block_sizes: dict | None = None) -> None:
     """Put a weight quantizer at ``num_bits`` with ``amax``: per output channel (axis 0), or static
     blocks (``block_sizes`` as in a ModelOpt config; ``amax`` one per block, any shape, block order).
@@ -288,7 +299,7 @@ def set_weight_format(q: TensorQuantizer, weight: torch.Tensor, num_bits: int, a
     q.num_bits = num_bits
     if block_sizes is None:
         q.block_sizes = None
-        q.axis = 0
+        q.axis = None if isinstance(num_bits, (tuple, list)) else 0  # FP8: per tensor
         q.amax = amax
         return
     q.block_sizes = dict(block_sizes)

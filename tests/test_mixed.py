@@ -127,3 +127,36 @@ def test_greedy_repair_keeps_only_improvements_within_budget(setup):
             kl = step["kl_after"]
         assert step["bits_to"] > step["bits_from"] and step["bits_to"] > 4
     assert result.final_kl == kl and result.avg_weight_bits <= 6.0
+
+
+def test_fp8_format_round_trips_through_a_fresh_quantize(setup, tmp_path):
+    """Menu float / FP8 at 8 bits: every layer FP8 (float's 16 bits cannot fit), E4M3 per tensor with
+    max ranges. Oracle: the config through JSON, re-applied by a fresh mtq.quantize (ModelOpt's own
+    max calibration and E4M3 fake quant), gives the same amaxes, dev KL and WER; the ONNX export
+    carries float8 weights and ONNX Runtime scores it."""
+    from recipes.export import export_onnx
+    from recipes.mixed import model_weight_bits
+    from recipes.qconfig import config_from_json
+
+    sm, calib, dev = setup
+    result = run_mixed(sm, calib, dev, 8.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                       menu=("float", "FP8"))
+    assert {c.format for c in result.choices} == {"FP8"} and result.avg_weight_bits == 8.0
+    assert model_weight_bits(result.model.model) == 8.0
+    model = remove_weight_norm(copy.deepcopy(sm.model))
+    mtq.quantize(model, config_from_json(json.loads(json.dumps(result.config))), calibration_loop(calib))
+    mine = dict(result.model.model.named_modules())
+    fp8 = 0
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.is_enabled:
+            assert tuple(q.num_bits) == (4, 3) and tuple(mine[name].num_bits) == (4, 3), name
+            assert q.amax.numel() == 1 and float(q.amax) == pytest.approx(float(mine[name].amax), rel=1e-6), name
+            assert mine[name].bias is None, name  # shifted integer ranges do not carry over to FP8
+            fp8 += 1
+    assert fp8 == 2 * len(result.choices)
+    with torch.inference_mode():
+        ref = [forward_logits(sm.model, b) for b in dev]
+        out = [forward_logits(model, b) for b in dev]
+    assert LogitDivergence(ref)(out) == pytest.approx(result.final_kl, rel=1e-4)
+    info = export_onnx(result.model, tmp_path / "fp8.onnx")
+    assert info["precision"] == "fp8-qdq" and info["fp8_weights"] == len(result.choices)
