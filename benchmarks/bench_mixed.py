@@ -6,7 +6,8 @@ ModelOpt 0.47's auto_quantize counts INT4_BLOCKWISE_WEIGHT_ONLY_CFG as num_bits 
 (:func:`recipes.mixed.model_weight_bits` reads them off the quantized model), and compared with
 the other at the same count. For each budget (default 6.4 and 4):
 
-* ours, ``stablequant quantize --budget-bits B`` (scales counted; the first run pays for the
+* ours, ``stablequant quantize --budget-bits B`` (``--mixed-score auto``: allocated by dev KL and
+  by dev CTC-loss change, the lower dev WER kept; scales counted; the first run pays for the
   default recipe's W8A8 run and the sensitivities, later ones resume from the same state), and
   the same with ``--block-scale-bits 0`` (ModelOpt's count);
 * the test WER of the re-applied config's torch fake-quant model, the exported ONNX (packed INT4
@@ -128,6 +129,9 @@ def main(argv=None) -> None:
                "dev_wer_reapplied": errors(qsm.model, dev_scorer).wer, "dev_kl": report["final_kl"],
                "test_wer": err.wer, "search_seconds": report["meta"]["seconds"],
                "search_phases": report["seconds"], "resumed": resume, "run_seconds": round(seconds, 1),
+               "score": report["score"], "score_reason": report["score_reason"],
+               "candidates": {k: {f: v[f] for f in ("dev_wer", "dev_kl", "dev_ctc", "avg_weight_bits", "formats")}
+                              for k, v in report["candidates"].items()},
                "formats": {}}
         for c in report["choices"]:
             key = c["format"] + (f" g{c['block'][1]}" if c.get("block") else "")
@@ -189,7 +193,7 @@ def main(argv=None) -> None:
     for b, r in out["budgets"].items():
         for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
             o = r[f"ours_{count}"]
-            rows.append([f"ours, budget {b} ({label})", f"{o['bits']['scales']:.3f}", f"{o['bits']['grid']:.3f}",
+            rows.append([f"ours, budget {b} ({label}; allocated by {o['score']})", f"{o['bits']['scales']:.3f}", f"{o['bits']['grid']:.3f}",
                          f"{32 / o['bits']['scales']:.2f}×", f"{o['dev_wer']:.2f}", f"{o['dev_kl']:.5f}", o["test_wer"],
                          f"{o['test_wer'] - fp32_wer:+.2f}", o["onnx_test_wer"], f"{o['onnx_smaller_than_fp32']:.2f}×",
                          fmt(o["formats"])])
@@ -206,6 +210,12 @@ def main(argv=None) -> None:
                          "smaller than fp32 (scales counted)", "dev WER %", "dev KL to fp32", "test WER %",
                          "Δ vs fp32", "ONNX Runtime test WER %", "ONNX smaller than fp32 ONNX", "formats"], rows)
     cis = []
+    for b, r in out["budgets"].items():
+        for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
+            o = r[f"ours_{count}"]
+            cands = "; ".join(f"{k}: dev WER {v['dev_wer']:.2f}, dev KL {v['dev_kl']:.5f}, dev CTC Δ {v['dev_ctc']:+.4f}"
+                              for k, v in o["candidates"].items())
+            cis.append(f"* budget {b}, {label}: candidates {cands} → {o['score']} ({o['score_reason']})")
     for b, r in out["budgets"].items():
         for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
             ci = r.get(f"ours_minus_aq_{count}")

@@ -49,6 +49,29 @@ def ctc_loss_func(sm: SpeechModel):
     return loss_func
 
 
+class CtcLossChange:
+    """Dev CTC loss of the transcripts minus fp32's, for :mod:`recipes.mixed`'s sensitivities.
+
+    The loss of a set of logits is :func:`ctc_loss_func`'s (auto_quantize's) batch loss summed over
+    the dev batches; the score subtracts fp32's on the same batches, so a layer that *helps* the
+    transcripts scores below 0 (dev KL to fp32 cannot: it is at best 0).
+    """
+
+    def __init__(self, sm: SpeechModel, batches: Sequence, reference_logits: Sequence[torch.Tensor]):
+        self.loss, self.batches = ctc_loss_func(sm), list(batches)
+        self.reference = self.total(reference_logits)
+
+    def total(self, logits: Sequence[torch.Tensor]) -> float:
+        """Σ over dev batches of the batch's mean CTC loss (one host sync)."""
+        if len(logits) != len(self.batches):
+            raise ValueError(f"{len(logits)} outputs for {len(self.batches)} dev batches")
+        losses = [self.loss(out, batch).double() for out, batch in zip(logits, self.batches)]
+        return float(torch.stack(losses).sum().cpu()) if losses else 0.0
+
+    def __call__(self, logits: Sequence[torch.Tensor]) -> float:
+        return self.total(logits) - self.reference
+
+
 def forward_step(model: torch.nn.Module, batch) -> torch.Tensor:
     """auto_quantize's ``forward_step``: CTC logits of one batch, with gradients (unlike inference)."""
     return forward_logits(model, batch)

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--block-scale-bits", type=_number(float, 0.0, 32.0), default=16.0, metavar="S",
                    help="with --budget-bits: bits the budget charges per block scale (default 16, fp16 scales; "
                         "0 counts grid bits only, as ModelOpt's auto_quantize does)")
+    q.add_argument("--mixed-score", choices=["auto", "kl", "ctc"], default="auto",
+                   help="with --budget-bits: per-layer score the allocation minimises: kl (dev KL to fp32), ctc "
+                        "(dev CTC-loss change on the transcripts, as auto_quantize scores), or auto (allocate "
+                        "with both, keep the lower dev WER; ties: kl)")
     q.add_argument("--gamma", type=GAMMA, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
     q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
     q.add_argument("--num-bins", type=NUM_BINS, default=2048, help="histogram bins per activation quantizer")
@@ -142,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budgets", type=_number(float, 4.0, 16.0), nargs="*", default=[6.0, 4.0], metavar="B",
                    help="also mixed precision at these average bits per weight (quantize --budget-bits); "
                         "give none to skip")
+    c.add_argument("--mixed-score", choices=["auto", "kl", "ctc"], default="auto",
+                   help="with --budgets: the mixed allocation's per-layer score (see quantize --mixed-score)")
     c.add_argument("--out", required=True, help="output directory (compare.json, compare.md, state files)")
     c.add_argument("--overwrite", action="store_true", help="write into an existing output directory")
     c.add_argument("--resume", action="store_true", help="reuse the finished searches in OUT")

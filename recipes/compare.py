@@ -95,6 +95,7 @@ def compare_methods(
     resamples: int = 1000,
     seed: int = 0,
     budgets: Sequence[float] = (),
+    mixed_score: str = "auto",
 ) -> dict:
     """Test WER of every baseline, the paper's recipe and the default recipe, with intervals.
 
@@ -167,7 +168,7 @@ def compare_methods(
 
         table["mixed"] = mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bins,
                                             Path(out_dir) / "state_mixed.json" if out_dir else None, resume,
-                                            resamples, seed)
+                                            resamples, seed, score=mixed_score)
     return table
 
 

@@ -9,18 +9,26 @@ demo the CNN front end carries almost the whole W6A6 loss). ``stablequant quanti
    A6). Weights get MSE-optimal scales at each width, per output channel or, for the block
    formats (``-blk``), per block of up to 128 weights along the reduction dim (the block size
    from the layer's shape, :func:`calibrators.weight_block`).
-2. **Sensitivity**: each layer alone at each format of the menu, every other layer float; the
-   score is the dev KL of the output distribution to fp32 (the default recipe's score). The float
-   prefix of each layer is served from cache (:class:`recipes.reuse.PrefixRunner`), so one score
-   costs one suffix forward. Finished scores go to the state file (``--resume``).
-3. **Exact allocation**: minimise the summed scores subject to the average weight bits
-   (Σ bits·weights / Σ weights over every Linear/Conv weight, float counted as 16, a block
-   format's fp16 scales as 16/block more bits per weight) ≤ B — a multiple-choice knapsack solved
-   as an integer program with ``pulp`` (CBC).
-4. **Verification** on dev with every layer as allocated; when the measured KL misses the
-   additive prediction by more than ``tolerance``, a greedy repair fixes the layer with the
-   largest predicted gain one format up, re-solves the rest under the same budget, and keeps
-   the change only if the measured KL falls.
+2. **Sensitivity**: each layer alone at each format of the menu, every other layer float. From
+   the same suffix-forward logits, two scores: the dev KL of the output distribution to fp32
+   (the default recipe's score: fidelity, at best 0) and the change of the dev CTC loss of the
+   transcripts from fp32's (auto_quantize's loss, :class:`recipes.autoquant.CtcLossChange`: it
+   can be negative, a layer whose rounding helps the transcripts). The float prefix of each layer
+   is served from cache (:class:`recipes.reuse.PrefixRunner`), so one layer × format costs one
+   suffix forward. Finished scores go to the state file (``--resume``).
+3. **Exact allocation**, once per score (``score``: ``auto`` both, or ``kl`` / ``ctc``): minimise
+   the summed scores subject to the average weight bits (Σ bits·weights / Σ weights over every
+   Linear/Conv weight, float counted as 16, a block format's fp16 scales as 16/block more bits
+   per weight) ≤ B — a multiple-choice knapsack solved as an integer program with ``pulp`` (CBC).
+4. **Verification** of each allocation on dev with every layer as allocated (dev KL, CTC change
+   and WER from one forward); when the measured score misses the additive prediction, i.e.
+   exceeds it by more than ``tolerance`` × |prediction| (the same rule for KL, where the
+   prediction is ≥ 0, and for CTC, where it can be negative), a greedy repair fixes the layer
+   with the largest predicted gain one format up, re-solves the rest under the same budget, and
+   keeps the change only if the measured score falls.
+5. **Choice** (``auto``): the verified allocation with the lower dev WER; a tie goes to KL, the
+   fidelity objective. The KL score alone lost to auto_quantize's CTC-scored allocation on the
+   demo's test set while being closer to fp32 on dev; the dev WER decides which score to trust.
 
 The output is a plain ModelOpt config with one entry per quantizer (bits, axis or block_sizes, enable) and the
 "stablequant" algorithm's ``layer_calibrators`` / ``weight_calibrator``; a fresh
@@ -209,6 +217,26 @@ def allocate(scores: Sequence[dict[str, float]], sizes: Sequence[int],
     return choice
 
 
+SCORES = ("kl", "ctc")  # per-layer sensitivity scores an allocation can minimise
+SCORE_CHOICES = ("auto", *SCORES)
+
+
+def choose_score(candidates: dict[str, dict]) -> tuple[str, str]:
+    """The verified allocation to keep: the lower dev WER (``candidates[score]["dev_wer"]``); a tie
+    goes to ``kl``, the fidelity objective. Returns the score and a one-line reason."""
+    if not candidates:
+        raise ValueError("no candidate allocation to choose from")
+    if len(candidates) == 1:
+        (only,) = candidates
+        return only, f"--mixed-score {only}: the only candidate"
+    ranked = sorted(candidates, key=lambda k: (candidates[k]["dev_wer"], SCORES.index(k)))
+    best, other = ranked[0], ranked[1]
+    a, b = candidates[best]["dev_wer"], candidates[other]["dev_wer"]
+    if a == b:
+        return best, f"dev WER tie ({a:.2f}): {best}, the fidelity objective"
+    return best, f"lower dev WER: {best} {a:.2f} < {other} {b:.2f}"
+
+
 # ----------------------------------------------------------------------------- the search
 
 
@@ -220,9 +248,10 @@ class LayerFormat:
     format: str
     wbits: int | None
     abits: int | None
-    predicted_kl: float  # this layer's score at its format (others float)
+    predicted_kl: float  # this layer's dev KL at its format (others float)
     bits: float  # bits per weight as the budget counts them (block scales included)
     block: list[int] | None = None  # (axis, size) of the weight blocks of a block format
+    predicted_ctc: float = 0.0  # this layer's dev CTC-loss change at its format (others float)
 
 
 @dataclass
@@ -250,6 +279,12 @@ class MixedResult:
     evaluations: int
     seconds: dict[str, float]
     dev_errors: dict[str, dict] = field(default_factory=dict)
+    score: str = "kl"  # the score whose allocation was kept: "kl" or "ctc"
+    score_reason: str = ""
+    candidates: dict[str, dict] = field(default_factory=dict)  # score -> its verified allocation
+    sensitivity_ctc: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> format -> CTC change
+    predicted_ctc: float = 0.0
+    final_ctc: float = 0.0  # measured dev CTC loss minus fp32's
     model: SpeechModel | None = None
     histograms: dict | None = None
 
@@ -368,16 +403,23 @@ def run_mixed(
     max_repairs: int = 3,
     pareto_budgets: Sequence[float] = (4.0, 5.0, 6.0, 7.0, 8.0),
     block_scale_bits: float = SCALE_BITS,
+    score: str = "auto",
 ) -> MixedResult:
     """Mixed precision of ``sm`` under ``budget_bits`` average bits per weight (see module doc).
 
     ``block_scale_bits``: what the budget charges per block scale of a block format (0: ModelOpt
     auto_quantize's count). It only moves the allocation, so runs that differ in it share the state.
+    ``score``: ``kl`` or ``ctc`` allocates with that sensitivity; ``auto`` verifies both and keeps
+    the lower dev WER (ties: ``kl``). Both scores are always computed (same forwards) and stored.
     """
+    from .autoquant import CtcLossChange
+
     from calibrators import per_block_mse_amax, per_channel_mse_amax, weight_block
     from sq_plugin import calibrator_class
     from sq_plugin.modelopt_glue import calibrator_of
 
+    if score not in SCORE_CHOICES:
+        raise ValueError(f"score must be one of {SCORE_CHOICES}; got {score!r}")
     unknown = [m for m in menu if m not in MENU]
     if unknown or "float" not in menu:
         raise ValueError(f"menu must include 'float' and only formats of {list(MENU)}; got {list(menu)}")
@@ -467,90 +509,124 @@ def run_mixed(
         errors = {"fp32": scorer.errors(ref)}
         float_wer = errors["fp32"].wer
 
+        ctc_change = CtcLossChange(qsm, dev_batches, ref)
         runner = PrefixRunner(model, forward_logits, dev_batches)
         sens = state.data["sensitivity"]
+        sens_ctc = state.data.setdefault("sensitivity_ctc", {})
         todo = [(l, f) for l in layers for f in allowed[l] if f != "float"]
+        stale = sum(1 for l, f in todo if f in sens.get(l, {}) and f not in sens_ctc.get(l, {}))
+        if stale:
+            log.warning("the state file has %d KL sensitivities without a CTC score (written before CTC "
+                        "scoring): recomputing them, one suffix forward each", stale)
         for l, f in tqdm(todo, desc="per-layer sensitivity (layer x format)", disable=not progress):
-            done = sens.setdefault(l, {"float": 0.0})
-            if f not in done:
+            done, done_ctc = sens.setdefault(l, {"float": 0.0}), sens_ctc.setdefault(l, {"float": 0.0})
+            if f not in done or f not in done_ctc:
                 setter.fold({l: formats[f]})
                 evaluations += 1
-                done[f] = divergence(runner.run(l))
+                logits = runner.run(l)  # one suffix forward, both scores
+                done[f], done_ctc[f] = divergence(logits), ctc_change(logits)
                 state.save()
         runner.clear()
         sensitivity = {l: {f: sens[l][f] for f in allowed[l]} for l in layers}
+        sensitivity_ctc = {l: {f: sens_ctc[l][f] for f in allowed[l]} for l in layers}
+        tables = {"kl": sensitivity, "ctc": sensitivity_ctc}
         lap("sensitivity")
-
-        rows = [sensitivity[l] for l in layers]
 
         def avg_bits(assign, per_layer=lbits) -> float:
             return average_bits(sizes, [per_layer[i][assign[l].name] for i, l in enumerate(layers)])
 
-        def measure(assign: dict[str, Format]) -> tuple[float, object]:
+        def measure(assign: dict[str, Format]) -> dict:
+            """Dev KL, CTC-loss change and errors of one allocation, from one full forward."""
             nonlocal evaluations
             evaluations += 1
             setter.fold(assign)
             logits = [forward_logits(model, b) for b in dev_batches]
-            return divergence(logits), scorer.errors(logits)
+            return {"kl": divergence(logits), "ctc": ctc_change(logits), "err": scorer.errors(logits)}
 
-        def solve(budget: float, fixed=None) -> dict[str, Format]:
+        def solve(budget: float, by: str, fixed=None) -> dict[str, Format]:
+            rows = [tables[by][l] for l in layers]
             return {l: formats[f] for l, f in zip(layers, allocate(rows, sizes, lbits, budget, fixed))}
 
-        def predicted(assign) -> float:
-            return sum(sensitivity[l][assign[l].name] for l in layers)
+        def predicted(assign, by: str = "kl") -> float:
+            return sum(tables[by][l][assign[l].name] for l in layers)
 
         uniform = {}
         for name in UNIFORM_POINTS:
             if name in formats:
-                kl, err = measure({l: formats[name] for l in layers})
-                uniform[name] = {"avg_bits": float(formats[name].bits), "kl": kl, "wer": err.wer}
-                errors[f"uniform_{name}"] = err
-        pareto = []
-        for b in tqdm(sorted(set(pareto_budgets) - {budget_bits}), desc="Pareto budgets", disable=not progress):
-            try:
-                assign = solve(b)
-            except ValueError:
-                continue
-            kl, err = measure(assign)
-            pareto.append({"budget": b, "avg_bits": avg_bits(assign),
-                           "predicted_kl": predicted(assign), "kl": kl, "wer": err.wer})
-        lap("pareto")
+                m = measure({l: formats[name] for l in layers})
+                uniform[name] = {"avg_bits": float(formats[name].bits), "kl": m["kl"], "ctc": m["ctc"],
+                                 "wer": m["err"].wer}
+                errors[f"uniform_{name}"] = m["err"]
 
-        assign = solve(budget_bits)
-        pred = predicted(assign)
-        kl, err = measure(assign)
-        repairs: list[dict] = []
-        fixed: dict[int, str] = {}  # kept upgrades stay pinned for later re-solves
-        tried: set[int] = set()
-        while kl > pred * (1 + tolerance) and len(repairs) < max_repairs:
-            # the layer whose next better format has the largest predicted gain
-            gains = []
-            for i, l in enumerate(layers):
-                if i in tried:
-                    continue
-                better = [f for f in allowed[l] if lbits[i][f] > lbits[i][assign[l].name]]
-                if better:
-                    f = min(better, key=lambda g: sensitivity[l][g])
-                    gains.append((sensitivity[l][assign[l].name] - sensitivity[l][f], i, f))
-            if not gains or max(gains)[0] <= 0:
-                break  # no upgrade is predicted to help
-            gain, i, f = max(gains)
-            try:
-                trial = solve(budget_bits, {**fixed, i: f})
-            except ValueError:
-                break
-            trial_kl, trial_err = measure(trial)
-            step = {"layer": layers[i], "to": f, "bits_from": lbits[i][assign[layers[i]].name], "bits_to": lbits[i][f],
-                    "predicted_gain": gain, "kl_before": kl, "kl_after": trial_kl, "kept": trial_kl < kl}
-            repairs.append(step)
-            tried.add(i)
-            if trial_kl < kl:
-                fixed[i] = f
-                assign, kl, err, pred = trial, trial_kl, trial_err, predicted(trial)
+        def verify(by: str) -> dict:
+            """Allocate by score ``by``, measure on dev, repair while the measured score misses the
+            prediction by more than ``tolerance`` × |prediction| (CTC predictions can be < 0)."""
+            assign = solve(budget_bits, by)
+            pred, m = predicted(assign, by), measure(assign)
+            repairs: list[dict] = []
+            fixed: dict[int, str] = {}  # kept upgrades stay pinned for later re-solves
+            tried: set[int] = set()
+            table = tables[by]
+            while m[by] > pred + tolerance * abs(pred) and len(repairs) < max_repairs:
+                # the layer whose next better format has the largest predicted gain
+                gains = []
+                for i, l in enumerate(layers):
+                    if i in tried:
+                        continue
+                    better = [f for f in allowed[l] if lbits[i][f] > lbits[i][assign[l].name]]
+                    if better:
+                        f = min(better, key=lambda g: table[l][g])
+                        gains.append((table[l][assign[l].name] - table[l][f], i, f))
+                if not gains or max(gains)[0] <= 0:
+                    break  # no upgrade is predicted to help
+                gain, i, f = max(gains)
+                try:
+                    trial = solve(budget_bits, by, {**fixed, i: f})
+                except ValueError:
+                    break
+                t = measure(trial)
+                step = {"score": by, "layer": layers[i], "to": f, "bits_from": lbits[i][assign[layers[i]].name],
+                        "bits_to": lbits[i][f], "predicted_gain": gain, "before": m[by], "after": t[by],
+                        "kl_before": m["kl"], "kl_after": t["kl"], "kept": t[by] < m[by]}
+                repairs.append(step)
+                tried.add(i)
+                if t[by] < m[by]:
+                    fixed[i] = f
+                    assign, m, pred = trial, t, predicted(trial, by)
+            counts: dict[str, int] = {}
+            for l in layers:
+                counts[assign[l].name] = counts.get(assign[l].name, 0) + 1
+            return {"assign": assign, "measured": m, "repairs": repairs, "json": {
+                "score": by, "dev_wer": m["err"].wer, "dev_kl": m["kl"], "dev_ctc": m["ctc"], "predicted": pred,
+                "predicted_kl": predicted(assign, "kl"), "predicted_ctc": predicted(assign, "ctc"),
+                "avg_weight_bits": avg_bits(assign), "formats": counts,
+                "assignment": {l: assign[l].name for l in layers}, "repairs": repairs}}
+
+        verified = {by: verify(by) for by in (SCORES if score == "auto" else (score,))}
+        chosen, reason = choose_score({by: v["json"] for by, v in verified.items()})
+        log.info("mixed precision: allocation by %s (%s)", chosen, reason)
+        assign, m, repairs = verified[chosen]["assign"], verified[chosen]["measured"], verified[chosen]["repairs"]
+        kl, ctc, err = m["kl"], m["ctc"], m["err"]
+        if len(verified) > 1:
+            errors.update({f"mixed_{by}": v["measured"]["err"] for by, v in verified.items()})
         errors["mixed"] = err
         lap("allocate + verify")
+
+        pareto = []  # other budgets, allocated by the chosen score
+        for b in tqdm(sorted(set(pareto_budgets) - {budget_bits}), desc="Pareto budgets", disable=not progress):
+            try:
+                other = solve(b, chosen)
+            except ValueError:
+                continue
+            p = measure(other)
+            pareto.append({"budget": b, "avg_bits": avg_bits(other), "score": chosen,
+                           "predicted": predicted(other, chosen), "predicted_kl": predicted(other),
+                           "kl": p["kl"], "ctc": p["ctc"], "wer": p["err"].wer})
+        lap("pareto")
         avg = avg_bits(assign)
-        pareto.append({"budget": budget_bits, "avg_bits": avg, "predicted_kl": pred, "kl": kl, "wer": err.wer})
+        pred = predicted(assign)
+        pareto.append({"budget": budget_bits, "avg_bits": avg, "score": chosen, "predicted": predicted(assign, chosen),
+                       "predicted_kl": pred, "kl": kl, "ctc": ctc, "wer": err.wer})
         pareto.sort(key=lambda p: p["budget"])
         setter.as_quantizers(assign)
 
@@ -559,7 +635,7 @@ def run_mixed(
     config = mixed_config(s, assign, layer_cal, "mse", block_cfg)
     choices = [LayerFormat(l, kinds.get(l, "other"), n, assign[l].name, assign[l].wbits, assign[l].abits,
                            sensitivity[l][assign[l].name], lbits[i][assign[l].name],
-                           list(blocks[l]) if assign[l].blocks else None)
+                           list(blocks[l]) if assign[l].blocks else None, sensitivity_ctc[l][assign[l].name])
                for i, (l, n) in enumerate(zip(layers, sizes))]
     dev_errors = {k: v.to_json() for k, v in errors.items()}
     return MixedResult(
@@ -571,25 +647,27 @@ def run_mixed(
         base={"final_kl": base.final_kl, "final_wer": base.final_wer, "weight_calibrator": base.weight_calibrator,
               "layer_calibrators": {c.quantizer: c.chosen for c in base.layers}, "seconds": base.seconds},
         config=config, evaluations=evaluations + base.evaluations, seconds=clock.seconds, dev_errors=dev_errors,
+        score=chosen, score_reason=reason, candidates={by: v["json"] for by, v in verified.items()},
+        sensitivity_ctc=sensitivity_ctc, predicted_ctc=predicted(assign, "ctc"), final_ctc=ctc,
         model=qsm, histograms=base.histograms,
     )
 
 
 def run_mixed_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, budget_bits: float,
                      settings: Settings | None = None, state_path: str | Path | None = None, resume: bool = False,
-                     seed: int = 0, progress: bool = True,
-                     block_scale_bits: float = SCALE_BITS) -> tuple[MixedResult, dict]:
+                     seed: int = 0, progress: bool = True, block_scale_bits: float = SCALE_BITS,
+                     score: str = "auto") -> tuple[MixedResult, dict]:
     """:func:`run_mixed` plus the report meta: dev WERs with paired-bootstrap intervals vs fp32."""
     from .asr import UtteranceErrors
     from .compare import intervals
 
     start = time.perf_counter()
     result = run_mixed(sm, calib, dev, budget_bits, settings, state_path=state_path, resume=resume,
-                       progress=progress, block_scale_bits=block_scale_bits)
+                       progress=progress, block_scale_bits=block_scale_bits, score=score)
     elapsed = time.perf_counter() - start
     errors = {k: UtteranceErrors.from_json(v) for k, v in result.dev_errors.items()}
     meta = {"model": sm.source or sm.name, "arch": sm.arch, "recipe": "mixed", "budget_bits": budget_bits,
-            "block_scale_bits": block_scale_bits,
+            "block_scale_bits": block_scale_bits, "mixed_score": score,
             "calib_utterances": sum(len(b.ids) for b in calib), "dev_utterances": sum(len(b.ids) for b in dev),
             "seconds": round(elapsed, 1),
             "dev": {k: {"wer": e.wer, "cer": e.cer, "words": int(e.words.sum()),

@@ -10,26 +10,37 @@ from .report import REAPPLY, _save_figure, ci_text, markdown_table, short_layer,
 def mixed_markdown(result, meta: dict) -> str:
     dev, ci = meta["dev"], meta["dev_intervals"]
     names = {"fp32": "fp32", "default_w8a8": "default recipe W8A8 (its own weights)",
-             **{f"uniform_{k}": f"uniform {k}" for k in result.uniform}, "mixed": f"mixed, budget {result.budget_bits}"}
+             **{f"uniform_{k}": f"uniform {k}" for k in result.uniform},
+             **{f"mixed_{k}": f"mixed, budget {result.budget_bits}, allocated by {k}" for k in result.candidates},
+             "mixed": f"mixed, budget {result.budget_bits} (chosen: {result.score})"}
     bits = {"fp32": 32.0, "default_w8a8": 8.0, **{f"uniform_{k}": v["avg_bits"] for k, v in result.uniform.items()},
+            **{f"mixed_{k}": v["avg_weight_bits"] for k, v in result.candidates.items()},
             "mixed": result.avg_weight_bits}
     summary = markdown_table(
         ["system", "avg weight bits", "× smaller than fp32", "dev WER %", "word errors", "Δ vs fp32 [95 % CI]"],
         [[names.get(k, k), f"{bits.get(k, 0):.2f}", f"{32 / bits[k]:.2f}" if k in bits else "-", v["wer"],
           f"{v['word_errors']}/{v['words']}", ci_text(ci.get(k, {}).get("vs_fp32"))] for k, v in dev.items()])
     layers = markdown_table(
-        ["layer", "kind", "weights", "format", "bits/weight", "dev KL alone", *result.menu],
+        ["layer", "kind", "weights", "format", "bits/weight", "dev KL alone", "dev CTC Δ alone", *result.menu],
         [[short_layer(c.layer), c.kind, c.weights, f"**{c.format}**" + (f" (g{c.block[1]})" if c.block else ""),
-          f"{c.bits:.3g}", f"{c.predicted_kl:.5f}",
+          f"{c.bits:.3g}", f"{c.predicted_kl:.5f}", f"{c.predicted_ctc:+.4f}",
           *(f"{result.sensitivity[c.layer][f]:.4f}" if f in result.sensitivity[c.layer] else "-" for f in result.menu)]
          for c in result.choices])
-    pareto = markdown_table(["budget", "avg bits", "predicted dev KL", "measured dev KL", "dev WER %"],
+    pareto = markdown_table(["budget", "avg bits", "predicted dev KL", "measured dev KL", "measured dev CTC Δ",
+                             "dev WER %"],
                             [[p["budget"], f"{p['avg_bits']:.3f}", f"{p['predicted_kl']:.5f}", f"{p['kl']:.5f}",
-                              p["wer"]] for p in result.pareto])
-    repairs = "none needed (measured KL within tolerance of the prediction)" if not result.repairs else \
-        markdown_table(["layer fixed", "to", "predicted gain", "KL before", "KL after", "kept"],
-                       [[short_layer(r["layer"]), r["to"], f"{r['predicted_gain']:.5f}", f"{r['kl_before']:.5f}",
-                         f"{r['kl_after']:.5f}", r["kept"]] for r in result.repairs])
+                              f"{p.get('ctc', 0.0):+.4f}", p["wer"]] for p in result.pareto])
+    repairs = f"none needed (measured {result.score} score within tolerance of the prediction)" \
+        if not result.repairs else \
+        markdown_table(["layer fixed", "to", "score", "predicted gain", "measured before", "measured after", "kept"],
+                       [[short_layer(r["layer"]), r["to"], r["score"], f"{r['predicted_gain']:.5f}",
+                         f"{r['before']:.5f}", f"{r['after']:.5f}", r["kept"]] for r in result.repairs])
+    candidates = markdown_table(
+        ["allocated by", "avg bits", "predicted score", "dev WER %", "dev KL to fp32", "dev CTC Δ vs fp32",
+         "repairs kept", "formats"],
+        [[f"**{k}**" if k == result.score else k, f"{v['avg_weight_bits']:.3f}", f"{v['predicted']:+.5f}",
+          v["dev_wer"], f"{v['dev_kl']:.5f}", f"{v['dev_ctc']:+.4f}", sum(r["kept"] for r in v["repairs"]),
+          ", ".join(f"{f} ×{n}" for f, n in v["formats"].items())] for k, v in result.candidates.items()])
     counts: dict[str, int] = {}
     for c in result.choices:
         counts[c.format] = counts.get(c.format, 0) + 1
@@ -44,14 +55,20 @@ def mixed_markdown(result, meta: dict) -> str:
         "scale per block of up to 128 weights along the reduction dim, '-' where the layer's shape takes "
         f"none); {result.fp8}.",
         "",
-        f"Dev KL to fp32: predicted (sum of per-layer scores) {result.predicted_kl:.5f}, measured "
-        f"{result.final_kl:.5f}. Calibration {meta.get('calib_utterances')} utts, dev {meta.get('dev_utterances')} "
+        f"**Allocated by {result.score}** ({result.score_reason}). Dev KL to fp32: predicted (sum of per-layer "
+        f"KLs) {result.predicted_kl:.5f}, measured {result.final_kl:.5f}; dev CTC loss minus fp32's: predicted "
+        f"{result.predicted_ctc:+.4f}, measured {result.final_ctc:+.4f}. Calibration {meta.get('calib_utterances')} utts, dev {meta.get('dev_utterances')} "
         f"utts; {result.evaluations} dev evaluations in {meta.get('seconds')} s "
         f"(phases: {', '.join(f'{k} {v:.0f} s' for k, v in result.seconds.items())}).",
         "",
         summary,
         "",
-        "## Per-layer formats (sensitivity: dev KL with only that layer at each format)",
+        "## Candidate allocations (one per sensitivity score; the lower dev WER is kept, ties: KL)",
+        "",
+        candidates,
+        "",
+        "## Per-layer formats (sensitivity: dev KL with only that layer at each format; CTC Δ: dev CTC loss "
+        "change from fp32, layer alone at its format)",
         "",
         layers,
         "",
@@ -96,7 +113,7 @@ def write_mixed_outputs(out_dir: Path, result, meta: dict) -> str:
 
 
 def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bins: int, state_path, resume: bool,
-                       resamples: int = 1000, seed: int = 0) -> dict:
+                       resamples: int = 1000, seed: int = 0, score: str = "auto") -> dict:
     """``stablequant compare`` rows for mixed precision: test WER per budget, with intervals vs fp32.
 
     Every budget shares one state file: the default recipe's W8A8 run and the per-layer
@@ -111,7 +128,7 @@ def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bi
     rows = {}
     for k, budget in enumerate(budgets):
         r = run_mixed(sm, calib, dev, float(budget), Settings(num_bins=num_bins), state_path=state_path,
-                      resume=resume or k > 0)
+                      resume=resume or k > 0, score=score)
         with fast_fake_quant(r.model.model):
             err = test_scorer.errors(outputs(r.model.model, test_scorer.batches))
         counts: dict[str, int] = {}
@@ -119,7 +136,8 @@ def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bi
             counts[c.format] = counts.get(c.format, 0) + 1
         rows[str(float(budget))] = {
             "avg_weight_bits": r.avg_weight_bits, "compression_vs_fp32": r.compression_vs_fp32,
-            "dev_wer": r.final_wer, "test_wer": err.wer, "formats": counts,
+            "dev_wer": r.final_wer, "test_wer": err.wer, "formats": counts, "score": r.score,
+            "score_reason": r.score_reason,
             "vs_fp32": paired_bootstrap(err.word_edits, fp32_errors.word_edits, err.words, resamples, seed),
             "seconds": sum(r.seconds.values())}
     return rows

@@ -98,7 +98,7 @@ def run_quantize(args) -> dict:
             raise ValueError("--budget-bits runs in one process; launch it without torchrun")
         result, meta = run_mixed_recipe(sm, calib, dev, args.budget_bits, settings, state_path=out_dir / "state.json",
                                         resume=args.resume, seed=args.seed,
-                                        block_scale_bits=args.block_scale_bits)
+                                        block_scale_bits=args.block_scale_bits, score=args.mixed_score)
         meta.update(model=str(args.model), device=str(device))
         print(write_mixed_outputs(out_dir, result, meta))
         print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, pareto.png)")
@@ -143,7 +143,7 @@ def run_compare(args) -> dict:
         budgets = []
     table = compare_methods(sm, calib, dev, test, bits=args.bits, gamma=args.gamma, grid=args.grid,
                             num_bins=args.num_bins, out_dir=out_dir, resume=args.resume, subsets=subsets,
-                            seed=args.seed, budgets=budgets)
+                            seed=args.seed, budgets=budgets, mixed_score=args.mixed_score)
     table.update(model=str(args.model), device=str(device), ranks=ranks.world)
     if not ranks.main:
         return table
