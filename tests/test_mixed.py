@@ -14,7 +14,7 @@ import sq_plugin  # noqa: F401
 from calibrators import weight_block
 from recipes.asr import forward_logits
 from recipes.layerwise import LogitDivergence
-from recipes.mixed import MENU, allocate, average_bits, run_mixed
+from recipes.mixed import MENU, allocate, average_bits, choose_score, run_mixed
 from recipes.models import remove_weight_norm
 from recipes.qconfig import calibration_loop
 from recipes.stablequant import DevScorer, Settings
@@ -113,20 +113,24 @@ def test_mixed_budget_respected_and_config_reproduces(setup):
     assert [p["budget"] for p in result.pareto] == [5.0, 6.0]
 
 
-def test_greedy_repair_keeps_only_improvements_within_budget(setup):
-    """Force the repair (tolerance -1: every measurement 'misses'): each step pins one layer a
-    format up, re-solves under the same budget, and is kept only if the measured dev KL falls."""
+@pytest.mark.parametrize("score", ["kl", "ctc"])
+def test_greedy_repair_keeps_only_improvements_within_budget(setup, score):
+    """Force the repair (tolerance -1e9: every measurement 'misses', also a negative CTC
+    prediction): each step pins one layer a format up, re-solves under the same budget, and is
+    kept only if the measured score (dev KL, or dev CTC-loss change) falls."""
     sm, calib, dev = setup
     result = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
-                       tolerance=-1.0, max_repairs=2)
+                       tolerance=-1e9, max_repairs=2, score=score)
+    assert result.score == score and list(result.candidates) == [score]
     assert 1 <= len(result.repairs) <= 2
-    kl = result.repairs[0]["kl_before"]
+    value = result.repairs[0]["before"]
     for step in result.repairs:
-        assert step["kl_before"] == kl and step["kept"] == (step["kl_after"] < kl)
+        assert step["score"] == score
+        assert step["before"] == value and step["kept"] == (step["after"] < value)
         if step["kept"]:
-            kl = step["kl_after"]
+            value = step["after"]
         assert step["bits_to"] > step["bits_from"] and step["bits_to"] > 4
-    assert result.final_kl == kl and result.avg_weight_bits <= 6.0
+    assert (result.final_kl if score == "kl" else result.final_ctc) == value and result.avg_weight_bits <= 6.0
 
 
 def test_fp8_format_round_trips_through_a_fresh_quantize(setup, tmp_path):
@@ -160,3 +164,103 @@ def test_fp8_format_round_trips_through_a_fresh_quantize(setup, tmp_path):
     assert LogitDivergence(ref)(out) == pytest.approx(result.final_kl, rel=1e-4)
     info = export_onnx(result.model, tmp_path / "fp8.onnx")
     assert info["precision"] == "fp8-qdq" and info["fp8_weights"] == len(result.choices)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_allocation_with_negative_scores_matches_brute_force(seed):
+    """CTC-loss changes can be below fp32's (negative, some below float's 0): still the exact optimum."""
+    rng = np.random.default_rng(100 + seed)
+    bits = {"float": 16, "W8A8": 8, "W6A6": 6, "W4A8": 4}
+    sizes = [int(n) for n in rng.integers(1, 50, 6) * 128]
+    scores = [{"float": 0.0, **{f: float(rng.normal(0.0, 1.0)) for f in ("W8A8", "W6A6", "W4A8")}} for _ in sizes]
+    assert any(v < 0 for r in scores for v in r.values())
+    for budget in (4.0, 5.1, 6.4, 9.0, 16.0):
+        choice = allocate(scores, sizes, bits, budget)
+        assert average_bits(sizes, [bits[f] for f in choice]) <= budget + 1e-12
+        assert sum(r[f] for r, f in zip(scores, choice)) == pytest.approx(
+            _brute_force(scores, sizes, bits, budget), abs=1e-9)
+
+
+def test_choose_score_lower_dev_wer_ties_to_kl():
+    """Synthetic candidates: the lower dev WER wins whatever its KL; equal WER goes to KL."""
+    assert choose_score({"kl": {"dev_wer": 15.03, "dev_kl": 0.001},
+                         "ctc": {"dev_wer": 14.74, "dev_kl": 0.002}})[0] == "ctc"
+    assert choose_score({"ctc": {"dev_wer": 15.5, "dev_kl": 0.0001},
+                         "kl": {"dev_wer": 15.2, "dev_kl": 0.003}})[0] == "kl"
+    score, why = choose_score({"ctc": {"dev_wer": 15.0, "dev_kl": 0.0}, "kl": {"dev_wer": 15.0, "dev_kl": 1.0}})
+    assert score == "kl" and "tie" in why
+    assert choose_score({"ctc": {"dev_wer": 99.0}})[0] == "ctc"
+    with pytest.raises(ValueError):
+        choose_score({})
+
+
+def _hand_ctc(sm, batches, logits) -> float:
+    """Oracle: Σ over batches of the mean over utterances of torch's CTC loss / target length,
+    targets spelled from the vocabulary by hand (batches are unpadded: every frame is valid)."""
+    total = 0.0
+    for batch, out in zip(batches, logits):
+        lp = torch.log_softmax(out.double(), -1).transpose(0, 1)
+        per_utt = []
+        for k, text in enumerate(batch.texts):
+            ids = [sm.vocab.index(sm.word_delimiter if ch == " " else ch) for ch in " ".join(text.upper().split())]
+            loss = torch.nn.functional.ctc_loss(lp[:, k:k + 1], torch.tensor([ids]), torch.tensor([lp.shape[0]]),
+                                                torch.tensor([len(ids)]), blank=sm.blank_id, reduction="sum",
+                                                zero_infinity=True)
+            per_utt.append(float(loss) / len(ids))
+        total += sum(per_utt) / len(per_utt)
+    return total
+
+
+def test_ctc_scores_match_hand_ctc_loss_and_auto_keeps_lower_dev_wer(setup, tmp_path):
+    """A layer's CTC score = hand-computed CTC loss of a fresh mtq.quantize with only that layer
+    quantized, minus fp32's; the final allocation's likewise. auto keeps the candidate with the
+    lower dev WER, and --mixed-score kl reproduces the KL candidate from the same state."""
+    sm, calib, dev = setup
+    state = tmp_path / "state.json"
+    result = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                       state_path=state)
+    assert set(result.candidates) == {"kl", "ctc"}
+    assert result.score == choose_score(result.candidates)[0]
+    best = min(result.candidates.values(), key=lambda v: v["dev_wer"])["dev_wer"]
+    assert result.final_wer == best == result.candidates[result.score]["dev_wer"]
+    with torch.inference_mode():
+        fp32 = _hand_ctc(sm, dev, [forward_logits(sm.model, b) for b in dev])
+
+    def hand_change(config) -> float:
+        model = remove_weight_norm(copy.deepcopy(sm.model))
+        mtq.quantize(model, json.loads(json.dumps(config)), calibration_loop(calib))
+        with torch.inference_mode():
+            return _hand_ctc(sm, dev, [forward_logits(model, b) for b in dev]) - fp32
+
+    assert hand_change(result.config) == pytest.approx(result.final_ctc, rel=1e-3, abs=1e-5)
+    layer = next(c for c in result.choices if c.format != "float")
+    mine = layer.layer + "."
+    algorithm = result.config["algorithm"]
+    alone = {"quant_cfg": [e for e in result.config["quant_cfg"]
+                           if e["quantizer_name"] == "*" or e["quantizer_name"].startswith(mine)],
+             "algorithm": {**algorithm, "layer_calibrators": {
+                 n: e for n, e in algorithm["layer_calibrators"].items() if n.startswith(mine)}}}
+    assert len(alone["quant_cfg"]) > 1
+    assert hand_change(alone) == pytest.approx(result.sensitivity_ctc[layer.layer][layer.format], rel=1e-3, abs=1e-5)
+    assert layer.predicted_ctc == result.sensitivity_ctc[layer.layer][layer.format]
+    assert all(row["float"] == 0.0 for row in result.sensitivity_ctc.values())
+    kl_only = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                        state_path=state, resume=True, score="kl")
+    assert {c.layer: c.format for c in kl_only.choices} == result.candidates["kl"]["assignment"]
+    assert kl_only.final_wer == result.candidates["kl"]["dev_wer"]
+
+
+def test_state_without_ctc_scores_is_recomputed(setup, tmp_path, caplog):
+    """A state file from before CTC scoring (KL only) resumes: the CTC scores are recomputed, the KL kept."""
+    sm, calib, dev = setup
+    state = tmp_path / "state.json"
+    first = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                      state_path=state, score="kl")
+    data = json.loads(state.read_text())
+    del data["sensitivity_ctc"]
+    state.write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        again = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                          state_path=state, resume=True, score="kl")
+    assert "without a CTC score" in caplog.text
+    assert again.sensitivity == first.sensitivity and again.sensitivity_ctc == first.sensitivity_ctc
