@@ -144,13 +144,13 @@ def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bi
 
 
 def mixed_compare_markdown(table: dict) -> str:
-    rows = [[f"mixed, budget {b}", f"{r['avg_weight_bits']:.2f}", f"{r['compression_vs_fp32']:.2f}×", r["dev_wer"],
-             r["test_wer"], ci_text(r["vs_fp32"]), ", ".join(f"{k} ×{n}" for k, n in r["formats"].items())]
+    rows = [[f"mixed, budget {b}", r.get("score", "kl"), f"{r['avg_weight_bits']:.2f}",
+             f"{r['compression_vs_fp32']:.2f}×", r["dev_wer"], r["test_wer"], ci_text(r["vs_fp32"]), ", ".join(f"{k} ×{n}" for k, n in r["formats"].items())]
             for b, r in table["mixed"].items()]
     return "\n".join([
         "## Mixed precision under a size budget (`--budgets`)", "",
         "One format per layer (float counted as 16 bits, W8A8, W6A6, W4A8, W4A16, and block-wise "
         "W4A8-blk / W4A16-blk with their fp16 block scales counted) chosen from dev sensitivities under the "
         f"average-bits budget; fp32 test WER {table['fp32_test_wer']:.2f}.", "",
-        markdown_table(["system", "avg weight bits", "smaller than fp32", "dev WER %", "test WER %",
-                        "Δ vs fp32 [95 % CI]", "formats"], rows), ""])
+        markdown_table(["system", "allocated by", "avg weight bits", "smaller than fp32", "dev WER %",
+                        "test WER %", "Δ vs fp32 [95 % CI]", "formats"], rows), ""])
