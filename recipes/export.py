@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_BACKEND = "sq_onnx_qdq"
 INT8_MIN, INT8_MAX = -128, 127
-E4M3, E4M3_MAX = (4, 3), 448.0  # ModelOpt's num_bits for FP8 E4M3; its largest finite value
+E4M3_MAX = 448.0  # FP8 E4M3's largest finite value
 MIN_OPSET = 17
 FP8_OPSET = 19  # float8 QuantizeLinear/DequantizeLinear
 META_PREFIX = "sq."
@@ -104,14 +104,14 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from sq_plugin.modelopt_glue import quantizes, static_amax
+    from sq_plugin.modelopt_glue import E4M3, is_float_format, quantizes, static_amax
 
     specs = {}
     for name, q in model.named_modules():
         if not isinstance(q, TensorQuantizer) or not q.is_enabled or not quantizes(q):
             continue
         bits = q.num_bits
-        fp8 = tuple(bits) == E4M3 if isinstance(bits, (tuple, list)) else False
+        fp8 = is_float_format(q) and tuple(bits) == E4M3
         if not fp8 and (not isinstance(bits, int) or not 4 <= bits <= 8):
             raise ExportError(f"{name}: num_bits={bits!r} is not supported; Q/DQ export needs "
                               "integer quantization with 4..8 bits or FP8 E4M3 (4, 3)")
@@ -158,6 +158,8 @@ class _QDQ(torch.autograd.Function):
     def forward(ctx, inputs, amax, num_bits, narrow_range, axis, qmin, qmax, shift, fp8):
         from modelopt.torch.quantization.tensor_quant import fake_tensor_quant, scaled_e4m3
 
+        from sq_plugin.modelopt_glue import E4M3
+
         if fp8:
             return scaled_e4m3(inputs, amax, None, *E4M3)
         bias = torch.tensor(shift, dtype=inputs.dtype, device=inputs.device) if shift else None
@@ -186,7 +188,7 @@ class _QDQ(torch.autograd.Function):
 
 
 def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    from sq_plugin.modelopt_glue import amax_for, bias_for
+    from sq_plugin.modelopt_glue import amax_for, bias_for, is_float_format
 
     if quantizer.block_sizes:  # a weight in ModelOpt's block layout (checked by quant_specs)
         return block_qdq(inputs, quantizer)
@@ -194,7 +196,7 @@ def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
     amax = amax_for(quantizer, inputs)
     bits, narrow = quantizer.num_bits, quantizer.narrow_range
     axis = _single_axis(quantizer, "quantizer") if amax.numel() > 1 else None
-    if isinstance(bits, (tuple, list)):  # E4M3 (quant_specs refused every other float format)
+    if is_float_format(quantizer):  # E4M3 (quant_specs refused every other float format)
         return _QDQ.apply(inputs, amax, 8, False, axis, -E4M3_MAX, E4M3_MAX, 0.0, True)
     bias = bias_for(quantizer, inputs)
     return _QDQ.apply(inputs, amax, bits, narrow, axis, *int_range(bits, narrow),
@@ -225,27 +227,28 @@ def _qdq_backend(model: nn.Module, specs: dict[str, QuantSpec]) -> Iterator[None
 # ----------------------------------------------------------------------------- graph rewrite
 
 
+def _broadcast_scale(scale: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """A float32 scale shaped to broadcast against an ``ndim`` tensor (1-D scales lie on ``axis``)."""
+    scale = np.asarray(scale, dtype=np.float32)
+    if axis is not None and scale.ndim == 1:
+        shape = [1] * ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+    return scale
+
+
 def quantize_like_ort(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
     """int8 QuantizeLinear exactly as ONNX Runtime computes it: x / scale, round half to even,
     saturate to [-128, 127], all in float32."""
-    scale = np.asarray(scale, dtype=np.float32)
-    if axis is not None and scale.ndim == 1:
-        shape = [1] * x.ndim
-        shape[axis] = scale.size
-        scale = scale.reshape(shape)
-    q = np.rint(x.astype(np.float32) / scale)
+    q = np.rint(x.astype(np.float32) / _broadcast_scale(scale, axis, x.ndim))
     return np.clip(q, INT8_MIN, INT8_MAX).astype(np.int8)
 
 
 def quantize_e4m3_like_ort(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
     """float8 E4M3 QuantizeLinear as ONNX Runtime computes it (saturate=1): x / scale in float32,
     clamp to ±448, round to nearest even. Returns the float8 bytes as uint8."""
-    scale = np.asarray(scale, dtype=np.float32)
-    if axis is not None and scale.ndim == 1:
-        shape = [1] * x.ndim
-        shape[axis] = scale.size
-        scale = scale.reshape(shape)
-    q = torch.from_numpy(np.clip(x.astype(np.float32) / scale, -E4M3_MAX, E4M3_MAX))
+    scaled = x.astype(np.float32) / _broadcast_scale(scale, axis, x.ndim)
+    q = torch.from_numpy(np.clip(scaled, -E4M3_MAX, E4M3_MAX))
     return q.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
 
 
@@ -335,15 +338,14 @@ def fold_weight_quantizers(model_proto: onnx.ModelProto, levels: dict[str, tuple
         axis = _attr(node, "axis", 1) if scale.ndim == 1 else None
         base = node.input[0] if node.input[0] in consts else clip_nodes[0].input[0]
         zero = consts.get(node.input[2]) if len(node.input) > 2 else None
-        if zero is not None and zero.dtype.name == "float8_e4m3fn":
-            int8_name = f"{base}_fp8"
+        fp8 = zero is not None and zero.dtype.name == "float8_e4m3fn"
+        int8_name = f"{base}_fp8" if fp8 else f"{base}_int8"
+        if fp8:
             new_inits.append(e4m3_initializer(quantize_e4m3_like_ort(weight, scale, axis), int8_name))
         else:
-            int8_name = f"{base}_int8"
-            ints = quantize_like_ort(weight, scale, axis)
-            new_inits.append(numpy_helper.from_array(ints, int8_name))
-        if levels is not None and not int8_name.endswith("_fp8"):
-            levels[int8_name] = _clip_levels(clip_nodes, consts, scale, axis, ints.ndim)
+            new_inits.append(numpy_helper.from_array(quantize_like_ort(weight, scale, axis), int8_name))
+            if levels is not None:
+                levels[int8_name] = _clip_levels(clip_nodes, consts, scale, axis, weight.ndim)
         for user in users:
             user.input[0] = int8_name
         dead.update(id(n) for n in [node, *clip_nodes])
@@ -357,11 +359,7 @@ def fold_weight_quantizers(model_proto: onnx.ModelProto, levels: dict[str, tuple
 def _clip_levels(clip_nodes, consts, scale, axis, ndim) -> tuple[int, int]:
     """(qmin, qmax) of a narrow grid from its Min/Max clip constants (scale·qmax, scale·qmin)."""
     qmin, qmax = INT8_MIN, INT8_MAX
-    scale = np.asarray(scale, dtype=np.float32)
-    if axis is not None and scale.ndim == 1:
-        shape = [1] * ndim
-        shape[axis] = scale.size
-        scale = scale.reshape(shape)
+    scale = _broadcast_scale(scale, axis, ndim)
     for node in clip_nodes:
         bound = np.rint(consts[node.input[1]] / scale)
         if node.op_type == "Min":

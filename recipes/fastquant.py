@@ -80,9 +80,9 @@ def fake_quant_blocks(weight: torch.Tensor, amax: torch.Tensor, axis: int, block
 
 
 def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    from sq_plugin.modelopt_glue import amax_for, bias_for
+    from sq_plugin.modelopt_glue import amax_for, bias_for, is_float_format
 
-    if isinstance(quantizer.num_bits, (tuple, list)):  # FP8 set after entry (the mixed search): ModelOpt's own
+    if is_float_format(quantizer):  # FP8 set after entry (the mixed search): ModelOpt's own
         from modelopt.torch.quantization.tensor_quant import scaled_e4m3
 
         return scaled_e4m3(inputs, amax_for(quantizer, inputs), None, *quantizer.num_bits)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,7 +123,7 @@ def model_weight_bits(model: torch.nn.Module, scale_bits: float = SCALE_BITS) ->
     num_bits, plus ``scale_bits`` per stored scale for a block quantizer (its amax has one per
     block, padded blocks included); 16 where the weight is not quantized. The same count for our
     allocations and for ``mtq.auto_quantize``'s, whatever formats they chose."""
-    from sq_plugin.modelopt_glue import quantizes, static_amax
+    from sq_plugin.modelopt_glue import is_float_format, quantizes, static_amax
 
     modules = dict(model.named_modules())
     sizes, bits = [], []
@@ -133,7 +134,7 @@ def model_weight_bits(model: torch.nn.Module, scale_bits: float = SCALE_BITS) ->
         sizes.append(n)
         if q is None or not q.is_enabled or not quantizes(q):
             bits.append(float(FLOAT_BITS))
-        elif isinstance(q.num_bits, (tuple, list)):  # (exponent, mantissa): + sign bit, FP8 = 8
+        elif is_float_format(q):  # (exponent, mantissa): + sign bit, FP8 = 8
             bits.append(1.0 + sum(q.num_bits))
         elif not isinstance(q.num_bits, int):
             raise ValueError(f"{info.path}: cannot count bits of num_bits={q.num_bits!r}")
@@ -376,7 +377,7 @@ def mixed_config(s: Settings, assign: dict[str, Format], layer_calibrators: dict
     for layer, fmt in assign.items():
         if fmt.wbits is not None:
             cfg = {"num_bits": fmt.wbits, "block_sizes": dict(block_sizes[layer])} if fmt.blocks \
-                else {"num_bits": E4M3, "axis": None} if fmt.fp8 else {"num_bits": fmt.wbits, "axis": 0}
+                else {"num_bits": fmt.weight_num_bits, "axis": None if fmt.fp8 else 0}
             quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": cfg})
         if fmt.abits is not None:
             quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer",
@@ -593,9 +594,7 @@ def run_mixed(
                 if t[by] < m[by]:
                     fixed[i] = f
                     assign, m, pred = trial, t, predicted(trial, by)
-            counts: dict[str, int] = {}
-            for l in layers:
-                counts[assign[l].name] = counts.get(assign[l].name, 0) + 1
+            counts = dict(Counter(assign[l].name for l in layers))
             return {"assign": assign, "measured": m, "repairs": repairs, "json": {
                 "score": by, "dev_wer": m["err"].wer, "dev_kl": m["kl"], "dev_ctc": m["ctc"], "predicted": pred,
                 "predicted_kl": predicted(assign, "kl"), "predicted_ctc": predicted(assign, "ctc"),
