@@ -194,12 +194,35 @@ def _drop_dead_nodes(graph) -> None:
             graph.node.remove(n)
 
 
+AVX2_PRECISION = "session.x64quantprecision"  # ORT: exact u8s8 GEMMs on AVX2 CPUs without VNNI
+
+
+def cpu_session_options(session_options=None):
+    """Session options for the CPU EP with ORT's AVX2 high-precision mode on, unless the caller set it.
+
+    On x86 CPUs without VNNI, ORT turns int8 activations into uint8 and MLAS's u8*s8 kernel adds
+    pairs of products in int16, which saturates (2 * 255 * 127 > 32767): on an AVX2-only EPYC it
+    moved logits by two activation steps. With ``session.x64quantprecision=1`` the integer GEMMs are
+    exact there, as they are on VNNI CPUs, where the setting changes nothing."""
+    import onnxruntime as ort
+
+    session_options = session_options or ort.SessionOptions()
+    try:
+        session_options.get_session_config_entry(AVX2_PRECISION)  # the caller's choice stands
+    except RuntimeError:  # not set
+        session_options.add_session_config_entry(AVX2_PRECISION, "1")
+    return session_options
+
+
 def make_session(path: str | Path, providers: list[str] | None = None, session_options=None,
                  lower_conv: bool = True):
-    """ONNX Runtime session for an exported file; int8 convs lowered for the CPU EP (in memory)."""
+    """ONNX Runtime session for an exported file; int8 convs lowered for the CPU EP (in memory),
+    whose integer GEMMs are exact on every x86 CPU (:func:`cpu_session_options`)."""
     import onnxruntime as ort
 
     providers = providers or ["CPUExecutionProvider"]
+    if providers[0] == "CPUExecutionProvider":
+        session_options = cpu_session_options(session_options)
     model = str(path)
     if lower_conv and providers[0] == "CPUExecutionProvider":
         proto = load_onnx(model)

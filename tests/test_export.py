@@ -16,7 +16,7 @@ import modelopt.torch.quantization as mtq
 from recipes import export
 from recipes.export import ExportError, build_trt_engine, export_onnx, quantize_like_ort, read_metadata
 from recipes.models import random_model, remove_weight_norm
-from recipes.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort, run_eval_onnx
+from recipes.onnx_runner import OnnxCTCModel, cpu_session_options, lower_qdq_conv_for_ort, run_eval_onnx
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SR = 16000
@@ -205,8 +205,10 @@ def activation_step(sm):
 def assert_close_to_torch(sm, path, shapes):
     """Torch multiplies by 127/amax, ORT divides by amax/127: an element sitting on a rounding
     tie can land one int8 step apart in some quantizer, and that step propagates. So no logit
-    may move by more than one step of the coarsest activation quantizer (on average far less)
-    and the greedy CTC tokens must agree on >= 99% of frames."""
+    may move by more than one step of the coarsest activation quantizer (on average far less).
+    No token-agreement count: float GEMM rounding differs by CPU, and the random model's top-2
+    logits are mostly within two steps, so a flipped near-tie says nothing (it failed on an
+    AVX2-only EPYC at 73 of 74 frames); the demo's transcripts are compared in test_cli."""
     runner = OnnxCTCModel(path)
     tol = activation_step(sm)
     for shape in shapes:
@@ -215,7 +217,6 @@ def assert_close_to_torch(sm, path, shapes):
         assert got.shape == ref.shape
         err = np.abs(got - ref)
         assert err.max() <= tol and err.mean() <= tol / 10, (err.max(), tol)
-        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
 
 
 def test_ort_matches_torch_fake_quant_on_dynamic_shapes(int8):
@@ -252,7 +253,7 @@ def test_ort_conv_lowering_is_the_exact_integer_conv(group, pad, stride):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert lower_qdq_conv_for_ort(model) == 1
     assert not any(n.op_type == "Conv" for n in model.graph.node)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), cpu_session_options(), providers=["CPUExecutionProvider"])
     cg, og = cin // group, cout // group
     for length in (41, 42):  # both parities of (L - kernel) / stride
         x = rng.standard_normal((2, cin, length)).astype(np.float32)
@@ -268,6 +269,35 @@ def test_ort_conv_lowering_is_the_exact_integer_conv(group, pad, stride):
         ref += bias[None, :, None]
         assert y.shape == (2, cout, frames)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_runner_int8_matmul_is_exact_at_full_range(tmp_path):
+    """Q/DQ MatMul at the corners of the int8 grid (x = 127, w = ±127): the runner's session gives the
+    exact integer product K * 127 * 127. ORT's default on AVX2 CPUs without VNNI adds u8*s8 pairs in
+    int16 and saturates here (32767 per pair instead of 2 * 255 * 127), which the runner turns off."""
+    from onnx import TensorProto, helper
+
+    from recipes.onnx_runner import make_session
+
+    k = 64
+    w = np.full((k, 8), 127, np.int8)
+    w[:, 1::2] = -127
+    one, zero = numpy_helper.from_array(np.float32(1.0), "one"), numpy_helper.from_array(np.int8(0), "zero")
+    g = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "one", "zero"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "one", "zero"], ["xd"]),
+         helper.make_node("DequantizeLinear", ["w", "one", "zero"], ["wd"]),
+         helper.make_node("MatMul", ["xd", "wd"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(w, "w"), one, zero])
+    path = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
+    x = np.full((4, k), 127.0, np.float32)
+    x[1] = -127.0
+    x[2, ::2] = 0.0
+    got = make_session(path).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, np.round(x).astype(np.int64) @ w.astype(np.int64))
 
 
 def test_runner_lowers_the_cnn_front_end(int8):

@@ -142,10 +142,10 @@ def test_a_plugin_family_is_loaded_and_described(toy):
 
 
 def test_prefix_cache_quantization_and_export_work_on_a_plugin_family(toy, tmp_path):
-    import onnxruntime as ort
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     from recipes.export import export_onnx
+    from recipes.onnx_runner import make_session
 
     sm, utts = toy
     batches = make_batches(utts, sm, batch_seconds=1)
@@ -167,7 +167,7 @@ def test_prefix_cache_quantization_and_export_work_on_a_plugin_family(toy, tmp_p
     summary = export_onnx(qsm, tmp_path / "toy.onnx")
     assert summary["quantizers"] == 18
     x = batches[0].input_values
-    got = ort.InferenceSession(str(tmp_path / "toy.onnx")).run(["logits"], {"input_values": x.numpy()})[0]
+    got = make_session(tmp_path / "toy.onnx").run(["logits"], {"input_values": x.numpy()})[0]
     with torch.inference_mode():
         want = qsm.model(x).numpy()
     np.testing.assert_allclose(got, want, atol=0.05 * float(np.abs(want).max()))
