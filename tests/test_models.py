@@ -53,6 +53,39 @@ def test_remove_old_style_weight_norm_hook():
     torch.testing.assert_close(conv(x), before)
 
 
+@pytest.mark.parametrize("form", ["parametrization", "hook"])
+def test_folded_weight_norm_is_the_float64_formula_for_any_thread_count(form):
+    """The folded weight is g * v / |v| (norm over every axis but dim 2) in float64, rounded once:
+    bit for bit the same under 1 and 2 threads, so a run's model fingerprint (and --resume) does
+    not depend on OMP_NUM_THREADS."""
+    from recipes.stablequant import model_fingerprint
+
+    def folded(threads):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv1d(16, 16, 9, padding=4, groups=4)
+        if form == "hook":
+            with pytest.warns(FutureWarning):
+                torch.nn.utils.weight_norm(conv, name="weight", dim=2)
+            g, v = conv.weight_g.detach().clone(), conv.weight_v.detach().clone()
+        else:
+            torch.nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+            g, v = (conv.parametrizations.weight.original0.detach().clone(),
+                    conv.parametrizations.weight.original1.detach().clone())
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model = remove_weight_norm(torch.nn.Sequential(conv))
+        finally:
+            torch.set_num_threads(old)
+        return model, g, v
+
+    model, g, v = folded(1)
+    v64 = v.double()
+    want = (g.double() * v64 / v64.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()).float()
+    assert torch.equal(model[0].weight.detach(), want)
+    assert model_fingerprint(folded(2)[0]) == model_fingerprint(model)
+
+
 # ----------------------------------------------------------------------------- inventories
 
 

@@ -163,7 +163,10 @@ def remove_weight_norm(model: nn.Module) -> nn.Module:
     """Fold weight norm into plain weights (the positional conv) so ModelOpt can wrap the conv.
 
     Handles both the parametrization form (torch >= 2.1) and the old weight_g/weight_v hook form.
-    The effective weight is kept, so outputs are unchanged. Returns the same model (in place).
+    The folded weight is g * v / |v| computed in float64 and rounded once, so it does not depend on
+    the thread count (torch's float32 norm does, by an ulp: a state file written with one
+    OMP_NUM_THREADS refused to resume under another, its model fingerprint changed). Returns the
+    same model (in place).
     """
     from torch.nn.utils import parametrize
 
@@ -171,10 +174,33 @@ def remove_weight_norm(model: nn.Module) -> nn.Module:
         if not isinstance(module, (nn.Conv1d, nn.Linear)):
             continue
         if parametrize.is_parametrized(module, "weight"):
+            plist = module.parametrizations["weight"]
+            dim = getattr(plist[0], "dim", None) if len(plist) == 1 else None
+            g, v = (getattr(plist, "original0", None), getattr(plist, "original1", None))
+            exact = _weight_norm64(g, v, dim) if dim is not None and g is not None and v is not None else None
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         elif hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+            hook = next((h for h in module._forward_pre_hooks.values() if hasattr(h, "dim")), None)
+            exact = _weight_norm64(module.weight_g, module.weight_v, hook.dim) if hook is not None else None
             torch.nn.utils.remove_weight_norm(module)
+        else:
+            continue
+        if exact is not None:
+            with torch.no_grad():
+                module.weight.copy_(exact)
     return model
+
+
+def _weight_norm64(g: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """g * v / |v| (norm over every axis but ``dim``; ``dim=-1`` or None: the whole tensor) in float64."""
+    with torch.no_grad():
+        v64 = v.detach().double()
+        if dim is None or dim == -1:
+            norm = v64.norm()
+        else:
+            dim = dim % v64.dim()
+            norm = v64.norm(dim=[d for d in range(v64.dim()) if d != dim], keepdim=True)
+        return (g.detach().double() * v64 / norm).to(v.dtype)
 
 
 def find_module(model: nn.Module, suffix: str) -> str:
