@@ -46,6 +46,10 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[6.4, 4.0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_mixed"))
     ap.add_argument("--skip-autoquant", action="store_true")
+    ap.add_argument("--test", default=None, help="test set (index.tsv or folder) instead of the shipped one")
+    ap.add_argument("--results", default=str(RESULTS), help="JSON written here, the table beside it (.md)")
+    ap.add_argument("--candidates", action="store_true",
+                    help="also test the allocation of the score the search did not keep (its own resumed run)")
     a = ap.parse_args(argv)
 
     import torch
@@ -60,7 +64,7 @@ def main(argv=None) -> None:
     from recipes.export import export_onnx
     from recipes.fastquant import fast_fake_quant
     from recipes.layerwise import LogitDivergence
-    from recipes.mixed import model_weight_bits
+    from recipes.mixed import SCORES, model_weight_bits
     from recipes.models import resolve_model
     from recipes.onnx_runner import run_eval_onnx
     from recipes.qconfig import load_config, quantize_copy
@@ -71,7 +75,8 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     sm = resolve_model("demo")
     calib = make_batches(open_dataset(demo_data("calib")), sm)
-    test = make_batches(open_dataset(demo_data("test")), sm)
+    results = Path(a.results)
+    test = make_batches(open_dataset(a.test or demo_data("test")), sm)
     dev = make_batches(open_dataset(demo_data("dev")), sm)
     scorer, dev_scorer = DevScorer(sm, test), DevScorer(sm, dev)
 
@@ -136,8 +141,22 @@ def main(argv=None) -> None:
         for c in report["choices"]:
             key = c["format"] + (f" g{c['block'][1]}" if c.get("block") else "")
             row["formats"][key] = row["formats"].get(key, 0) + 1
+        if a.candidates:  # the other score's allocation, from a resumed run of the same search
+            row["candidate_test_wer"] = {report["score"]: err.wer}
+            count = "scales" if scale_bits == 16 else "grid"
+            utt_errors[str(float(budget)), f"ours_{report['score']}", count] = err
+            for other in sorted(set(SCORES) - {report["score"]}):
+                other_dir = run_dir / f"score_{other}"
+                other_dir.mkdir(exist_ok=True)
+                for name in ("state.json", "state_w8a8.json"):
+                    (other_dir / name).write_bytes((run_dir / name).read_bytes())
+                if cli(args[:-3] + ["--out", str(other_dir), "--overwrite", "--resume", "--mixed-score", other]) != 0:
+                    raise SystemExit(f"quantize --budget-bits {budget} --mixed-score {other} failed")
+                o_err = errors(quantize_copy(sm, load_config(other_dir / "modelopt_config.json"), calib).model)
+                row["candidate_test_wer"][other] = o_err.wer
+                utt_errors[str(float(budget)), f"ours_{other}", count] = o_err
         info = export_onnx(qsm, work / f"mixed_{budget}_s{scale_bits:g}.onnx")
-        ort = run_eval_onnx(info["path"], model="demo", progress=False, print_table=False)
+        ort = run_eval_onnx(info["path"], data=a.test, model="demo", progress=False, print_table=False)
         row.update(onnx_bytes=info["size_bytes"], onnx_int4_weights=info["int4_weights"],
                    onnx_smaller_than_fp32=fp32_onnx["size_bytes"] / info["size_bytes"], onnx_test_wer=ort["wer"])
         return row, err
@@ -182,9 +201,15 @@ def main(argv=None) -> None:
                     a_err, b_err = utt_errors[key, "ours", count], utt_errors[key, "aq", count]
                     row[f"ours_minus_aq_{count}"] = paired_bootstrap(a_err.word_edits, b_err.word_edits,
                                                                      a_err.words, 1000, 0)
+                    for sc in SCORES:  # each score's own allocation (with --candidates)
+                        c_err = utt_errors.get((key, f"ours_{sc}", count))
+                        if c_err is not None:
+                            row.setdefault(f"candidate_minus_aq_{count}", {})[sc] = paired_bootstrap(
+                                c_err.word_edits, b_err.word_edits, c_err.words, 1000, 0)
         out["budgets"][key] = row
         print(json.dumps({key: row}, indent=1, default=str), flush=True)
-    write_json_atomic(RESULTS, out)
+    out["test_set"] = a.test or "shipped demo test set"
+    write_json_atomic(results, out)
 
     def fmt(formats):
         return ", ".join(f"{k} ×{n}" for k, n in formats.items())
@@ -222,7 +247,13 @@ def main(argv=None) -> None:
             if ci:
                 cis.append(f"* budget {b}, {label}: ours − auto_quantize = {ci['diff']:+.2f} "
                            f"[{ci['low']:+.2f}, {ci['high']:+.2f}] test WER points (paired bootstrap 95 %)")
-    write_text_atomic(RESULTS.with_suffix(".md"), f"fp32 test WER {fp32_wer:.2f}, dev WER {out['fp32']['dev_wer']:.2f}, fp32 ONNX "
+            o = r[f"ours_{count}"]
+            for sc, tw in o.get("candidate_test_wer", {}).items():
+                c = r.get(f"candidate_minus_aq_{count}", {}).get(sc)
+                vs = f"; {sc} − auto_quantize = {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]" if c else ""
+                kept = " (kept)" if sc == o["score"] else " (not kept)"
+                cis.append(f"* budget {b}, {label}: allocation by {sc}{kept}: test WER {tw:.2f}{vs}")
+    write_text_atomic(results.with_suffix(".md"), f"test set: {out['test_set']}\n\nfp32 test WER {fp32_wer:.2f}, dev WER {out['fp32']['dev_wer']:.2f}, fp32 ONNX "
                       f"{fp32_onnx['size_bytes'] / 2**20:.2f} MiB\n\n{md}\n\n" + "\n".join(cis) + "\n")
     print(md)
     print("\n".join(cis))
