@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mixed-score", choices=["auto", "kl", "ctc"], default="auto",
                    help="with --budget-bits: per-layer score the allocation minimises: kl (dev KL to fp32), ctc "
                         "(dev CTC-loss change on the transcripts, as auto_quantize scores), or auto (allocate "
-                        "with both, keep the lower dev WER; ties: kl)")
+                        "with both, keep the lower WER on the calibration utterances, whose transcripts "
+                        "neither score saw; ties: kl)")
     q.add_argument("--gamma", type=GAMMA, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
     q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
     q.add_argument("--num-bins", type=NUM_BINS, default=2048, help="histogram bins per activation quantizer")

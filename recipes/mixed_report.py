@@ -37,9 +37,11 @@ def mixed_markdown(result, meta: dict) -> str:
                          f"{r['before']:.5f}", f"{r['after']:.5f}", r["kept"]] for r in result.repairs])
     candidates = markdown_table(
         ["allocated by", "avg bits", "predicted score", "dev WER %", "dev KL to fp32", "dev CTC Δ vs fp32",
-         "repairs kept", "formats"],
+         "calibration-set WER % (fp32)", "repairs kept", "formats"],
         [[f"**{k}**" if k == result.score else k, f"{v['avg_weight_bits']:.3f}", f"{v['predicted']:+.5f}",
-          v["dev_wer"], f"{v['dev_kl']:.5f}", f"{v['dev_ctc']:+.4f}", sum(r["kept"] for r in v["repairs"]),
+          v["dev_wer"], f"{v['dev_kl']:.5f}", f"{v['dev_ctc']:+.4f}",
+          "-" if v.get("calib_wer") is None else f"{v['calib_wer']:.2f} ({v['calib_fp32_wer']:.2f})",
+          sum(r["kept"] for r in v["repairs"]),
           ", ".join(f"{f} ×{n}" for f, n in v["formats"].items())] for k, v in result.candidates.items()])
     counts: dict[str, int] = {}
     for c in result.choices:
@@ -63,7 +65,8 @@ def mixed_markdown(result, meta: dict) -> str:
         "",
         summary,
         "",
-        "## Candidate allocations (one per sensitivity score; the lower dev WER is kept, ties: KL)",
+        "## Candidate allocations (one per sensitivity score; kept: the lower WER on the calibration "
+        "utterances, whose transcripts neither score saw; ties: KL)",
         "",
         candidates,
         "",

@@ -6,13 +6,14 @@ import copy
 import itertools
 import json
 
+import jiwer
 import numpy as np
 import pytest
 import torch
 
 import sq_plugin  # noqa: F401
 from calibrators import weight_block
-from recipes.asr import forward_logits
+from recipes.asr import decode_logits, forward_logits
 from recipes.layerwise import LogitDivergence
 from recipes.mixed import MENU, allocate, average_bits, choose_score, run_mixed
 from recipes.models import remove_weight_norm
@@ -70,7 +71,7 @@ def test_allocation_fractional_bits_exact():
 def test_mixed_budget_respected_and_config_reproduces(setup):
     sm, calib, dev = setup
     result = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False,
-                       pareto_budgets=(5.0,))
+                       pareto_budgets=(5.0,), score="kl")  # optimality below is checked for the KL scores
     sizes = [c.weights for c in result.choices]
     assert result.avg_weight_bits <= 6.0
     # block formats add their fp16 scales: 16 bits per block of c.block[1] weights
@@ -181,14 +182,17 @@ def test_allocation_with_negative_scores_matches_brute_force(seed):
             _brute_force(scores, sizes, bits, budget), abs=1e-9)
 
 
-def test_choose_score_lower_dev_wer_ties_to_kl():
-    """Synthetic candidates: the lower dev WER wins whatever its KL; equal WER goes to KL."""
-    assert choose_score({"kl": {"dev_wer": 15.03, "dev_kl": 0.001},
-                         "ctc": {"dev_wer": 14.74, "dev_kl": 0.002}})[0] == "ctc"
-    assert choose_score({"ctc": {"dev_wer": 15.5, "dev_kl": 0.0001},
-                         "kl": {"dev_wer": 15.2, "dev_kl": 0.003}})[0] == "kl"
-    score, why = choose_score({"ctc": {"dev_wer": 15.0, "dev_kl": 0.0}, "kl": {"dev_wer": 15.0, "dev_kl": 1.0}})
+def test_choose_score_lower_calibration_wer_ties_to_kl():
+    """Synthetic candidates: the lower calibration-set WER wins whatever its dev WER or KL; equal
+    goes to KL; without calibration WERs (no transcripts there) KL, not the dev-fitted CTC."""
+    assert choose_score({"kl": {"dev_wer": 14.0, "calib_wer": 15.03, "dev_kl": 0.001},
+                         "ctc": {"dev_wer": 15.0, "calib_wer": 14.74, "dev_kl": 0.002}})[0] == "ctc"
+    assert choose_score({"ctc": {"dev_wer": 14.31, "calib_wer": 15.5, "dev_kl": 0.0001},
+                         "kl": {"dev_wer": 15.46, "calib_wer": 15.2, "dev_kl": 0.003}})[0] == "kl"
+    score, why = choose_score({"ctc": {"dev_wer": 1.0, "calib_wer": 15.0}, "kl": {"dev_wer": 9.0, "calib_wer": 15.0}})
     assert score == "kl" and "tie" in why
+    score, why = choose_score({"ctc": {"dev_wer": 1.0, "calib_wer": None}, "kl": {"dev_wer": 9.0, "calib_wer": None}})
+    assert score == "kl" and "no calibration transcripts" in why
     assert choose_score({"ctc": {"dev_wer": 99.0}})[0] == "ctc"
     with pytest.raises(ValueError):
         choose_score({})
@@ -214,15 +218,15 @@ def _hand_ctc(sm, batches, logits) -> float:
 def test_ctc_scores_match_hand_ctc_loss_and_auto_keeps_lower_dev_wer(setup, tmp_path):
     """A layer's CTC score = hand-computed CTC loss of a fresh mtq.quantize with only that layer
     quantized, minus fp32's; the final allocation's likewise. auto keeps the candidate with the
-    lower dev WER, and --mixed-score kl reproduces the KL candidate from the same state."""
+    lower calibration-set WER (checked by jiwer on the re-applied config), and --mixed-score kl reproduces the KL candidate from the same state."""
     sm, calib, dev = setup
     state = tmp_path / "state.json"
     result = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
                        state_path=state)
     assert set(result.candidates) == {"kl", "ctc"}
     assert result.score == choose_score(result.candidates)[0]
-    best = min(result.candidates.values(), key=lambda v: v["dev_wer"])["dev_wer"]
-    assert result.final_wer == best == result.candidates[result.score]["dev_wer"]
+    best = min(result.candidates.values(), key=lambda v: (v["calib_wer"], v["score"] != "kl"))
+    assert best["score"] == result.score and result.final_wer == best["dev_wer"]
     with torch.inference_mode():
         fp32 = _hand_ctc(sm, dev, [forward_logits(sm.model, b) for b in dev])
 
@@ -233,6 +237,13 @@ def test_ctc_scores_match_hand_ctc_loss_and_auto_keeps_lower_dev_wer(setup, tmp_
             return _hand_ctc(sm, dev, [forward_logits(model, b) for b in dev]) - fp32
 
     assert hand_change(result.config) == pytest.approx(result.final_ctc, rel=1e-3, abs=1e-5)
+    # the kept allocation's calibration-set WER: its config re-applied by a fresh mtq.quantize
+    fresh = remove_weight_norm(copy.deepcopy(sm.model))
+    mtq.quantize(fresh, json.loads(json.dumps(result.config)), calibration_loop(calib))
+    with torch.inference_mode():
+        hyps = [h for b in calib for h in decode_logits(sm, forward_logits(fresh, b), b)]
+    refs = [t for b in calib for t in b.texts]
+    assert result.candidates[result.score]["calib_wer"] == pytest.approx(100 * jiwer.wer(refs, hyps), abs=1e-9)
     layer = next(c for c in result.choices if c.format != "float")
     mine = layer.layer + "."
     algorithm = result.config["algorithm"]
