@@ -439,7 +439,7 @@ def run_mixed(
     base = run_layerwise(sm, calib_batches, dev_batches, base_settings, state_path=base_state, resume=resume,
                          progress=progress)
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, base_settings, state_path,
-                                                  resume, recipe="mixed", menu=list(menu))
+                                                  resume, recipe="mixed")  # menu-free: scores are per format
     state.data.setdefault("sensitivity", {})
     lap = clock.lap
     clock.seconds["default recipe W8A8"] = round(time.perf_counter() - started, 3)

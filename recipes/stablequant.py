@@ -151,8 +151,8 @@ class StateFile:
             except (ValueError, UnicodeDecodeError) as e:
                 raise ValueError(f"cannot resume from {self.path}: not a state file written by this tool ({e}); "
                                  "remove it or choose another --out") from None
-            diff = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {}))
-                          if fingerprint.get(k) != old.get("fingerprint", {}).get(k))
+            # keys this run's fingerprint no longer has (a mixed search's menu once) say nothing
+            diff = sorted(k for k in fingerprint if fingerprint[k] != old["fingerprint"].get(k))
             if diff:
                 raise ValueError(f"cannot resume from {self.path}: it was made with a different {', '.join(diff)}")
             self.data = old

@@ -261,6 +261,28 @@ def test_ctc_scores_match_hand_ctc_loss_and_auto_keeps_lower_dev_wer(setup, tmp_
     assert kl_only.final_wer == result.candidates["kl"]["dev_wer"]
 
 
+def test_resume_with_a_larger_menu_scores_only_the_new_formats(setup, tmp_path):
+    """Sensitivities are per layer and format, so --resume with another menu keeps the scores it
+    has (a sentinel planted in the state survives) and measures only the added format, which
+    equals a fresh run's; an older state file whose fingerprint still names its menu resumes."""
+    sm, calib, dev = setup
+    state = tmp_path / "state.json"
+    small = ("float", "W8A8", "W4A16")
+    run_mixed(sm, calib, dev, 8.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+              state_path=state, menu=small, score="kl")
+    data = json.loads(state.read_text())
+    layer = next(iter(data["sensitivity"]))
+    data["sensitivity"][layer]["W8A8"] = 123.0
+    data["fingerprint"]["menu"] = list(small)  # as state files written before the menu left it
+    state.write_text(json.dumps(data))
+    big = run_mixed(sm, calib, dev, 8.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                    state_path=state, resume=True, menu=(*small, "W6A6"), score="kl")
+    assert big.sensitivity[layer]["W8A8"] == 123.0  # kept, not re-measured
+    fresh = run_mixed(sm, calib, dev, 8.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
+                      menu=(*small, "W6A6"), score="kl")
+    assert {l: v["W6A6"] for l, v in big.sensitivity.items()} == {l: v["W6A6"] for l, v in fresh.sensitivity.items()}
+
+
 def test_state_without_ctc_scores_is_recomputed(setup, tmp_path, caplog):
     """A state file from before CTC scoring (KL only) resumes: the CTC scores are recomputed, the KL kept."""
     sm, calib, dev = setup
