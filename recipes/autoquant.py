@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .asr import forward_logits
+from .distributed import DevShard
 from .models import SpeechModel, remove_weight_norm
 
 
@@ -57,16 +58,22 @@ class CtcLossChange:
     transcripts scores below 0 (dev KL to fp32 cannot: it is at best 0).
     """
 
-    def __init__(self, sm: SpeechModel, batches: Sequence, reference_logits: Sequence[torch.Tensor]):
+    def __init__(self, sm: SpeechModel, batches: Sequence, reference_logits: Sequence[torch.Tensor],
+                 shard: DevShard | None = None):
         self.loss, self.batches = ctc_loss_func(sm), list(batches)
+        self.shard = shard or DevShard.whole(len(self.batches))  # torchrun: batches are this rank's
         self.reference = self.total(reference_logits)
 
     def total(self, logits: Sequence[torch.Tensor]) -> float:
-        """Σ over dev batches of the batch's mean CTC loss (one host sync)."""
+        """Σ over dev batches of the batch's mean CTC loss, added in global batch order (one host
+        sync; under torchrun the per-batch losses are all-reduced first, as LogitDivergence does)."""
         if len(logits) != len(self.batches):
             raise ValueError(f"{len(logits)} outputs for {len(self.batches)} dev batches")
         losses = [self.loss(out, batch).double() for out, batch in zip(logits, self.batches)]
-        return float(torch.stack(losses).sum().cpu()) if losses else 0.0
+        total = 0.0
+        for value in self.shard.per_batch(torch.stack(losses).cpu().tolist() if losses else []):
+            total += value
+        return total
 
     def __call__(self, logits: Sequence[torch.Tensor]) -> float:
         return self.total(logits) - self.reference

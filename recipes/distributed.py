@@ -103,6 +103,17 @@ def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def broadcast_from_main(value):
+    """Rank 0's ``value`` on every rank (a picklable object; only between our own ranks)."""
+    if current_ranks().world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    return box[0]
+
+
 def barrier() -> None:
     if current_ranks().world > 1:
         import torch.distributed as dist

@@ -31,6 +31,11 @@ demo the CNN front end carries almost the whole W6A6 loss). ``stablequant quanti
    transcripts, so its dev WER is optimistic); a tie, or a calibration set without transcripts,
    goes to KL, the fidelity objective.
 
+Under ``torchrun`` the dev (and calibration-check) utterances are sharded as in the default recipe
+(:mod:`recipes.distributed`): each rank forwards its share for every layer × format, per-batch KL and
+CTC sums and per-utterance edits are all-reduced, so every rank holds the one-process numbers, and
+rank 0's allocation is broadcast so all ranks measure the same one; rank 0 writes.
+
 The output is a plain ModelOpt config with one entry per quantizer (bits, axis or block_sizes, enable) and the
 "stablequant" algorithm's ``layer_calibrators`` / ``weight_calibrator``; a fresh
 ``mtq.quantize`` re-applies it. FP8 W8A8 (E4M3 per tensor, max ranges) is scored with
@@ -53,6 +58,7 @@ from tqdm.auto import tqdm
 from sq_plugin.modelopt_glue import E4M3
 
 from .asr import forward_logits
+from .distributed import broadcast_from_main, current_ranks
 from .fastquant import fake_quant_blocks, fake_quant_int, fast_fake_quant
 from .layerwise import CANDIDATES, SHIFT, LogitDivergence, run_layerwise, spec_entry, spec_label
 from .models import SpeechModel, layer_inventory
@@ -435,6 +441,7 @@ def run_mixed(
     formats = {m: MENU[m] for m in menu}
     base_settings = Settings(**{**asdict(settings or Settings()), "wbits": 8, "abits": 8})
     base_state = Path(state_path).with_name("state_w8a8.json") if state_path else None
+    progress = progress and current_ranks().main
     started = time.perf_counter()
     base = run_layerwise(sm, calib_batches, dev_batches, base_settings, state_path=base_state, resume=resume,
                          progress=progress)
@@ -442,6 +449,7 @@ def run_mixed(
                                                   resume, recipe="mixed")  # menu-free: scores are per format
     state.data.setdefault("sensitivity", {})
     lap = clock.lap
+    dev = scorer.batches  # this rank's share of the dev set (all of it in one process)
     clock.seconds["default recipe W8A8"] = round(time.perf_counter() - started, 3)
     qsm = base.model
     model = qsm.model
@@ -513,13 +521,13 @@ def run_mixed(
 
     with fast_fake_quant(model), torch.inference_mode():
         setter.fold({})
-        ref = [forward_logits(model, b) for b in dev_batches]
-        divergence = LogitDivergence(ref)
+        ref = [forward_logits(model, b) for b in dev]
+        divergence = LogitDivergence(ref, scorer.shard)
         errors = {"fp32": scorer.errors(ref)}
         float_wer = errors["fp32"].wer
 
-        ctc_change = CtcLossChange(qsm, dev_batches, ref)
-        runner = PrefixRunner(model, forward_logits, dev_batches)
+        ctc_change = CtcLossChange(qsm, dev, ref, scorer.shard)
+        runner = PrefixRunner(model, forward_logits, dev)
         sens = state.data["sensitivity"]
         sens_ctc = state.data.setdefault("sensitivity_ctc", {})
         todo = [(l, f) for l in layers for f in allowed[l] if f != "float"]
@@ -549,12 +557,14 @@ def run_mixed(
             nonlocal evaluations
             evaluations += 1
             setter.fold(assign)
-            logits = [forward_logits(model, b) for b in dev_batches]
+            logits = [forward_logits(model, b) for b in dev]
             return {"kl": divergence(logits), "ctc": ctc_change(logits), "err": scorer.errors(logits)}
 
         def solve(budget: float, by: str, fixed=None) -> dict[str, Format]:
             rows = [tables[by][l] for l in layers]
-            return {l: formats[f] for l, f in zip(layers, allocate(rows, sizes, lbits, budget, fixed))}
+            # every rank holds the same scores; rank 0's solution is the one all ranks measure
+            choice = broadcast_from_main(allocate(rows, sizes, lbits, budget, fixed))
+            return {l: formats[f] for l, f in zip(layers, choice)}
 
         def predicted(assign, by: str = "kl") -> float:
             return sum(tables[by][l][assign[l].name] for l in layers)

@@ -94,12 +94,12 @@ def run_quantize(args) -> dict:
 
         if args.recipe != "default":
             raise ValueError("--budget-bits calibrates activations with the default recipe; drop --recipe paper")
-        if ranks.world > 1:
-            raise ValueError("--budget-bits runs in one process; launch it without torchrun")
         result, meta = run_mixed_recipe(sm, calib, dev, args.budget_bits, settings, state_path=out_dir / "state.json",
-                                        resume=args.resume, seed=args.seed,
+                                        resume=args.resume, seed=args.seed, progress=ranks.main,
                                         block_scale_bits=args.block_scale_bits, score=args.mixed_score)
-        meta.update(model=str(args.model), device=str(device))
+        meta.update(model=str(args.model), device=str(device), ranks=ranks.world)
+        if not ranks.main:  # rank 0 writes the outputs, once
+            return result.to_json()
         print(write_mixed_outputs(out_dir, result, meta))
         print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, pareto.png)")
         return result.to_json()
@@ -138,9 +138,6 @@ def run_compare(args) -> dict:
     subsets = {name: {test_ids[u.path.resolve()] for u in open_dataset(path) if u.path.resolve() in test_ids}
                for name, path in subsets.items()}
     budgets = list(getattr(args, "budgets", None) or ())
-    if budgets and ranks.world > 1:
-        log.warning("--budgets: mixed precision runs in one process; its rows are skipped under torchrun")
-        budgets = []
     table = compare_methods(sm, calib, dev, test, bits=args.bits, gamma=args.gamma, grid=args.grid,
                             num_bins=args.num_bins, out_dir=out_dir, resume=args.resume, subsets=subsets,
                             seed=args.seed, budgets=budgets, mixed_score=args.mixed_score)

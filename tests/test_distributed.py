@@ -99,20 +99,27 @@ DECISIONS = {
     "paper": ("float_wer", "marked", "p_opt", "stage2", "final_wer", "amax", "config"),
     "default": ("float_wer", "starts", "start", "weight_calibrator", "layers", "final_kl", "final_wer",
                 "amax", "config"),
+    "mixed": ("float_wer", "sensitivity", "sensitivity_ctc", "candidates", "score", "choices", "final_kl",
+              "final_ctc", "final_wer", "repairs", "pareto", "uniform", "config", "avg_weight_bits"),
 }
+RECIPES = tuple(DECISIONS)
 
 
 def _argv(recipe: str, out: Path) -> list[str]:
-    return ["quantize", "--model", "demo", "--limit", "6", "--recipe", recipe, "--grid", "0,0.05,0.5",
-            "--num-bins", "512", "--device", "cpu", "--out", str(out)]
+    mixed = recipe == "mixed"  # --budget-bits: the default recipe's W8A8 run, then per-layer formats
+    return ["quantize", "--model", "demo", "--limit", "6", "--recipe", "default" if mixed else recipe,
+            "--grid", "0,0.05,0.5", "--num-bins", "512", "--device", "cpu", "--out", str(out),
+            *(["--budget-bits", "6"] if mixed else [])]
 
 
 def test_two_gloo_ranks_decide_exactly_as_one_process(tmp_path):
     """`stablequant quantize` under torchrun (2 gloo ranks, dev set sharded) = one process: same
     marked layers, p_opt, per-layer WERs, per-layer KLs and choices, amaxes, config and state file;
-    outputs written once by rank 0; the 2-rank state file resumes in one process."""
+    for mixed precision (--budget-bits) the same per-layer KL / CTC sensitivities, calibration-set
+    WERs, allocation and config; outputs written once by rank 0; the 2-rank state file resumes in
+    one process."""
     code = "import json, sys\nfrom recipes.cli import main\nfor argv in json.loads(sys.argv[1]):\n    assert main(argv) == 0\n"
-    runs = [_argv(recipe, tmp_path / f"two_{recipe}") for recipe in ("paper", "default")]
+    runs = [_argv(recipe, tmp_path / f"two_{recipe}") for recipe in RECIPES]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launch = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -121,14 +128,14 @@ def test_two_gloo_ranks_decide_exactly_as_one_process(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: a conv's float sums depend on the thread count
     try:
-        for recipe in ("paper", "default"):  # one process, meanwhile (the ranks wait on each other)
+        for recipe in RECIPES:  # one process, meanwhile (the ranks wait on each other)
             assert main(_argv(recipe, tmp_path / f"one_{recipe}")) == 0
     finally:
         torch.set_num_threads(threads)
-    out, _ = launch.communicate(timeout=300)
+    out, _ = launch.communicate(timeout=600)
     assert launch.returncode == 0, out[-3000:]
-    assert out.count("wrote ") == 2, "rank 0 alone prints / writes the outputs"
-    for recipe in ("paper", "default"):
+    assert out.count("wrote ") == len(RECIPES), "rank 0 alone prints / writes the outputs"
+    for recipe in RECIPES:
         one = json.loads((tmp_path / f"one_{recipe}" / "report.json").read_text())
         two = json.loads((tmp_path / f"two_{recipe}" / "report.json").read_text())
         assert two["meta"]["ranks"] == 2 and one["meta"]["ranks"] == 1
@@ -138,8 +145,9 @@ def test_two_gloo_ranks_decide_exactly_as_one_process(tmp_path):
         if recipe == "paper":
             assert [(r["quantizer"], r["wer"], r["marked"]) for r in one["stage1"]] == \
                    [(r["quantizer"], r["wer"], r["marked"]) for r in two["stage1"]]
-        state = [json.loads((tmp_path / f"{n}_{recipe}" / "state.json").read_text()) for n in ("one", "two")]
-        assert state[0] == state[1]
+        for name in ("state.json", "state_w8a8.json") if recipe == "mixed" else ("state.json",):
+            state = [json.loads((tmp_path / f"{n}_{recipe}" / name).read_text()) for n in ("one", "two")]
+            assert state[0] == state[1], (recipe, name)
     # the 2-rank run's state resumes in one process without evaluating anything again
     assert main(_argv("paper", tmp_path / "two_paper") + ["--resume"]) == 0
     resumed = json.loads((tmp_path / "two_paper" / "report.json").read_text())
