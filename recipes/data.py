@@ -40,6 +40,11 @@ class Batch:
     texts: list[str]
     ids: list[str]
 
+    def repeat(self, k: int) -> "Batch":
+        """The batch ``k`` times over along the batch dim (copy i is rows i*B..(i+1)*B-1)."""
+        mask = None if self.attention_mask is None else self.attention_mask.repeat(k, 1)
+        return Batch(self.input_values.repeat(k, 1), mask, self.lengths.repeat(k), self.texts * k, self.ids * k)
+
 
 class BatchList(list):
     """List of Batch; `skipped` names utterances dropped as unreadable (skip_bad=True)."""

@@ -107,12 +107,24 @@ def layer_candidates(cal, num_bins: int, shifted: bool) -> dict[str, tuple[float
     return out
 
 
-def walk_ladder(labels: list[str], start: str, better) -> str:
-    """From ``start``, step along ``labels`` (ordered by amax) while ``better(next, current)``."""
+def walk_ladder(labels: list[str], start: str, better, prefetch=None) -> str:
+    """From ``start``, step along ``labels`` (ordered by amax) while ``better(next, current)``.
+
+    ``prefetch(labels)``, if given, is told which labels the walk may compare next, before it
+    compares them (both neighbours first, then the next two along the way), so a caller can score
+    them side by side; it does not change the walk.
+    """
     i = labels.index(start)
+    inside = lambda js: [labels[j] for j in js if 0 <= j < len(labels)]  # noqa: E731
+    if prefetch is not None:
+        prefetch(inside([i - 1, i + 1]))
     for direction in (-1, 1):
         j = i
-        while 0 <= j + direction < len(labels) and better(labels[j + direction], labels[j]):
+        while 0 <= j + direction < len(labels):
+            if prefetch is not None:
+                prefetch(inside([j + direction, j + 2 * direction]))
+            if not better(labels[j + direction], labels[j]):
+                break
             j += direction
         if j != i:
             return labels[j]
@@ -212,8 +224,14 @@ def run_layerwise(
     state_path: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    variants_per_forward: int = 2,
 ) -> LayerwiseResult:
-    """The default recipe on ``sm``: best uniform start, then the best calibrator per layer."""
+    """The default recipe on ``sm``: best uniform start, then the best calibrator per layer.
+
+    ``variants_per_forward`` 2 (default): the walk's next two candidates of a layer (its two
+    neighbours on the ladder first) are scored side by side in one suffix forward of two copies
+    of each dev batch (:meth:`PrefixRunner.run_variants`), which costs less than two forwards
+    even when one of them turns out unneeded; 1: one candidate per forward, as needed."""
     from sq_plugin.modelopt_glue import calibrator_of, set_mse_weight_amax, set_shift, weight_quantizers
 
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
@@ -327,6 +345,20 @@ def run_layerwise(
                 def better(new: str, old: str) -> bool:
                     return divergence.clearly_lower(batches_of(new), batches_of(old))
 
+                def prefetch(labels: list[str]) -> None:
+                    """Score the walk's next unscored labels side by side, once two or more are due
+                    (one suffix forward of copies of each batch; one alone waits for batches_of)."""
+                    nonlocal evaluations
+                    due = [label for label in labels if label not in per_batch and label not in done]
+                    if len(due) < 2:
+                        return
+                    with torch.inference_mode():
+                        outs = runner.run_variants(layer, [lambda label=label: apply(n, label) for label in due])
+                    for label, logits in zip(due, outs):
+                        evaluations += 1
+                        done[label] = divergence.batch_sums(logits)
+                    state.save()
+
                 def ladder(shifted: bool) -> list[str]:
                     same = {k: a for k, (a, _) in candidates[n].items() if k.endswith(SHIFT) == shifted}
                     kept = distinct_candidates(same, acts[n].num_bits)
@@ -334,13 +366,14 @@ def run_layerwise(
                         kept.setdefault(chosen[n], same[chosen[n]])
                     return sorted(kept, key=kept.get)
 
-                best = walk_ladder(ladder(chosen[n].endswith(SHIFT)), chosen[n], better)
+                ahead = prefetch if variants_per_forward > 1 else None
+                best = walk_ladder(ladder(chosen[n].endswith(SHIFT)), chosen[n], better, ahead)
                 if n in shiftable:
                     twin = best.removesuffix(SHIFT) if best.endswith(SHIFT) else best + SHIFT
                     if better(twin, best):
                         other = ladder(twin.endswith(SHIFT))
                         best = walk_ladder(other if twin in other else sorted([*other, twin],
-                                           key=lambda k: candidates[n][k][0]), twin, better)
+                                           key=lambda k: candidates[n][k][0]), twin, better, ahead)
                 chosen[n], current_batches = best, per_batch[best]
                 apply(n, best)
                 kl = {label: divergence.mean(v) for label, v in per_batch.items()}

@@ -359,11 +359,14 @@ class FormatSetter:
 
     def fold(self, assign: dict[str, Format]) -> None:
         """Search form: weights replaced by their fake-quant values, weight quantizers off."""
-        for layer, m in self.modules.items():
-            fmt = assign.get(layer, MENU["float"])
-            m.weight_quantizer.disable()
-            m.weight.data = self.original[layer] if fmt.wbits is None else self.folded_weight(layer, fmt)
-            self._activation(layer, fmt)
+        for layer in self.modules:
+            self.fold_layer(layer, assign.get(layer, MENU["float"]))
+
+    def fold_layer(self, layer: str, fmt: Format) -> None:
+        m = self.modules[layer]
+        m.weight_quantizer.disable()
+        m.weight.data = self.original[layer] if fmt.wbits is None else self.folded_weight(layer, fmt)
+        self._activation(layer, fmt)
 
     def as_quantizers(self, assign: dict[str, Format]) -> None:
         """Final form: float weights, each weight quantizer at its bits and amax (saveable)."""
@@ -419,12 +422,15 @@ def run_mixed(
     pareto_budgets: Sequence[float] = (4.0, 5.0, 6.0, 7.0, 8.0),
     block_scale_bits: float = SCALE_BITS,
     score: str = "auto",
+    variants_per_forward: int = 8,
 ) -> MixedResult:
     """Mixed precision of ``sm`` under ``budget_bits`` average bits per weight (see module doc).
 
     ``block_scale_bits``: what the budget charges per block scale of a block format (0: ModelOpt
     auto_quantize's count). It only moves the allocation, so runs that differ in it share the state.
-    ``score``: ``kl`` or ``ctc`` allocates with that sensitivity; ``auto`` verifies both and keeps
+    ``variants_per_forward``: formats of one layer scored side by side in one suffix forward of
+    that many copies of each dev batch (:meth:`PrefixRunner.run_variants`; 1: one at a time, the
+    least memory). ``score``: ``kl`` or ``ctc`` allocates with that sensitivity; ``auto`` verifies both and keeps
     the lower WER on the calibration utterances (ties: ``kl``; :func:`choose_score`). Both scores are always computed (same forwards) and stored.
     """
     from .autoquant import CtcLossChange
@@ -433,6 +439,8 @@ def run_mixed(
     from sq_plugin import calibrator_class
     from sq_plugin.modelopt_glue import calibrator_of
 
+    if variants_per_forward < 1:
+        raise ValueError(f"variants_per_forward must be >= 1; got {variants_per_forward}")
     if score not in SCORE_CHOICES:
         raise ValueError(f"score must be one of {SCORE_CHOICES}; got {score!r}")
     unknown = [m for m in menu if m not in MENU]
@@ -444,7 +452,7 @@ def run_mixed(
     progress = progress and current_ranks().main
     started = time.perf_counter()
     base = run_layerwise(sm, calib_batches, dev_batches, base_settings, state_path=base_state, resume=resume,
-                         progress=progress)
+                         progress=progress, variants_per_forward=min(2, variants_per_forward))
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, base_settings, state_path,
                                                   resume, recipe="mixed")  # menu-free: scores are per format
     state.data.setdefault("sensitivity", {})
@@ -535,14 +543,23 @@ def run_mixed(
         if stale:
             log.warning("the state file has %d KL sensitivities without a CTC score (written before CTC "
                         "scoring): recomputing them, one suffix forward each", stale)
-        for l, f in tqdm(todo, desc="per-layer sensitivity (layer x format)", disable=not progress):
+        bar = tqdm(total=len(todo), desc="per-layer sensitivity (layer x format)", disable=not progress)
+        setter.fold({})
+        for l in layers:
             done, done_ctc = sens.setdefault(l, {"float": 0.0}), sens_ctc.setdefault(l, {"float": 0.0})
-            if f not in done or f not in done_ctc:
-                setter.fold({l: formats[f]})
-                evaluations += 1
-                logits = runner.run(l)  # one suffix forward, both scores
-                done[f], done_ctc[f] = divergence(logits), ctc_change(logits)
+            mine = [f for f in allowed[l] if f != "float"]
+            missing = [f for f in mine if f not in done or f not in done_ctc]
+            bar.update(len(mine) - len(missing))
+            for group in (missing[i:i + variants_per_forward] for i in range(0, len(missing), variants_per_forward)):
+                # the layer's formats side by side in one suffix forward (both scores from it)
+                outs = runner.run_variants(l, [lambda f=f: setter.fold_layer(l, formats[f]) for f in group])
+                for f, logits in zip(group, outs):
+                    evaluations += 1
+                    done[f], done_ctc[f] = divergence(logits), ctc_change(logits)
                 state.save()
+                bar.update(len(group))
+            setter.fold_layer(l, formats["float"])
+        bar.close()
         runner.clear()
         sensitivity = {l: {f: sens[l][f] for f in allowed[l]} for l in layers}
         sensitivity_ctc = {l: {f: sens_ctc[l][f] for f in allowed[l]} for l in layers}

@@ -105,24 +105,24 @@ class PrefixRunner:
                 del self._cache[old]
         return self._cache[key]
 
-    def _stubs(self, cut: CutPoint, b: int) -> list[tuple[nn.Module, Callable]]:
+    def _stubs(self, cut: CutPoint, b: int, k: int = 1) -> list[tuple[nn.Module, Callable]]:
         stubs = []
         if cut.features:
             out = self._outputs("fe", 0, CutPoint(conv=len(self.convs) - 2 if len(self.convs) > 1 else None))
-            stubs.append((self.fe, _constant(out, b)))
+            stubs.append((self.fe, _constant(out, b, k)))
         elif cut.conv is not None:
             out = self._outputs("conv", cut.conv, CutPoint(conv=cut.conv - 1 if cut.conv > 0 else None))
             stubs += [(m, self.layout.conv_passthrough) for m in self.convs[: cut.conv]]
-            stubs.append((self.convs[cut.conv], _constant(out, b)))
+            stubs.append((self.convs[cut.conv], _constant(out, b, k)))
         if cut.layer is not None:
             below = CutPoint(features=True, layer=cut.layer - 1 if cut.layer > 0 else None)
             out = self._outputs("layer", cut.layer, below)
             stubs += [(m, self.layout.layer_passthrough) for m in self.layers[: cut.layer]]
-            stubs.append((self.layers[cut.layer], _constant(out, b)))
+            stubs.append((self.layers[cut.layer], _constant(out, b, k)))
         return stubs
 
-    def _run_stubbed(self, cut: CutPoint, b: int, batch) -> torch.Tensor:
-        stubs = self._stubs(cut, b)
+    def _run_stubbed(self, cut: CutPoint, b: int, batch, repeat: int = 1) -> torch.Tensor:
+        stubs = self._stubs(cut, b, repeat)
         saved = [(m, m.__dict__.get("forward")) for m, _ in stubs]
         for module, fn in stubs:
             module.forward = types.MethodType(fn, module)
@@ -140,12 +140,68 @@ class PrefixRunner:
         cut = self.cut_for(module_path) if module_path is not None else CutPoint()
         return [self._run_stubbed(cut, b, batch) for b, batch in enumerate(self.batches)]
 
+    def run_variants(self, module_path: str, variants: Sequence[Callable[[], None]]) -> list[list[torch.Tensor]]:
+        """Outputs of every batch for each variant of ``module_path`` (``variants[i]()`` puts the
+        module in its i-th form): ``[variant][batch]``, from one suffix forward per batch.
+
+        Why: a search scores many forms of one layer, and on small batches (the equal-length
+        batches of a dev set are often one utterance) a forward is mostly per-op overhead; k
+        variants in one forward of k copies of the batch cost about half of k forwards on the CPU.
+        The batch goes in k times over; the module computes copy i in form i. Exact only for
+        models that treat utterances independently, as SFMs do at inference (the rows of a batch
+        never mix); a module whose input is not batch-first is refused.
+        """
+        k = len(variants)
+        if k == 1:
+            variants[0]()
+            return [self.run(module_path)]
+        module = dict(self.model.named_modules())[module_path]
+        cut = self.cut_for(module_path)
+        outputs: list[list[torch.Tensor]] = [[] for _ in variants]
+        own = module.__dict__.get("forward")
+        plain = own or types.MethodType(type(module).forward, module)
+        for b, batch in enumerate(self.batches):
+            rows = len(batch.ids)
+
+            def forward(mod, x, *args, _rows=rows, **kwargs):
+                if x.shape[0] != k * _rows:
+                    raise ValueError(f"{module_path}: input of {x.shape[0]} rows for {k} variants of a batch of "
+                                     f"{_rows} utterances (is its input batch-first?)")
+                parts = []
+                for chunk, variant in zip(x.chunk(k), variants):
+                    variant()
+                    parts.append(plain(chunk, *args, **kwargs))
+                return torch.cat(parts)
+
+            module.forward = types.MethodType(forward, module)
+            try:
+                logits = self._run_stubbed(cut, b, batch.repeat(k), repeat=k)
+            finally:
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
+            for out, part in zip(outputs, logits.chunk(k)):
+                out.append(part)
+        return outputs
+
     def clear(self) -> None:
         self._cache.clear()
 
 
-def _constant(outputs: list, b: int):
+def _repeat(value, k: int):
+    """A cached block output for a batch repeated ``k`` times (tensors along dim 0)."""
+    if value is None or k == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.repeat(k, *([1] * (value.dim() - 1)))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_repeat(v, k) for v in value)
+    raise TypeError(f"cannot repeat a cached block output of type {type(value).__name__}")
+
+
+def _constant(outputs: list, b: int, k: int = 1):
     def forward(self, *args, **kwargs):
-        return outputs[b]
+        return _repeat(outputs[b], k)
 
     return forward

@@ -264,7 +264,7 @@ def test_ctc_scores_match_hand_ctc_loss_and_auto_keeps_lower_dev_wer(setup, tmp_
 def test_resume_with_a_larger_menu_scores_only_the_new_formats(setup, tmp_path):
     """Sensitivities are per layer and format, so --resume with another menu keeps the scores it
     has (a sentinel planted in the state survives) and measures only the added format, which
-    equals a fresh run's; an older state file whose fingerprint still names its menu resumes."""
+    equals a fresh run's (up to float rounding); an older state file whose fingerprint still names its menu resumes."""
     sm, calib, dev = setup
     state = tmp_path / "state.json"
     small = ("float", "W8A8", "W4A16")
@@ -280,7 +280,10 @@ def test_resume_with_a_larger_menu_scores_only_the_new_formats(setup, tmp_path):
     assert big.sensitivity[layer]["W8A8"] == 123.0  # kept, not re-measured
     fresh = run_mixed(sm, calib, dev, 8.0, Settings(num_bins=256), progress=False, pareto_budgets=(),
                       menu=(*small, "W6A6"), score="kl")
-    assert {l: v["W6A6"] for l, v in big.sensitivity.items()} == {l: v["W6A6"] for l, v in fresh.sensitivity.items()}
+    # equal up to float rounding: the fresh run scores W6A6 side by side with three other formats
+    # (one forward of 4 copies of each batch; a conv's kernel may sum differently for 4 rows than 1)
+    assert {l: v["W6A6"] for l, v in big.sensitivity.items()} == \
+        pytest.approx({l: v["W6A6"] for l, v in fresh.sensitivity.items()}, rel=1e-2)
 
 
 def test_state_without_ctc_scores_is_recomputed(setup, tmp_path, caplog):

@@ -75,6 +75,51 @@ def test_prefix_cache_matches_full_forward(setup):
                 assert torch.equal(a, b), name
 
 
+def test_variants_side_by_side_equal_one_at_a_time(setup):
+    """PrefixRunner.run_variants (k forms of a layer in one forward of k copies of each batch)
+    gives each form's logits as a forward with the layer in that form alone, on batches of one
+    and of two utterances; a layer fed a batch that is not k copies is refused by name."""
+    from recipes.data import Batch
+
+    sm, calib, dev = setup
+    qsm = quantize_copy(sm, stablequant_config(8, 8, num_bins=256), calib)
+    model = qsm.model
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    acts = [n for n, q in quantizers.items() if q.is_enabled and n.endswith("input_quantizer")]
+    for q in quantizers.values():
+        q.disable()
+    rng = torch.Generator().manual_seed(0)
+    pair = Batch(torch.randn(2, 7000, generator=rng) * 0.1, None, torch.tensor([7000, 7000]), ["A", "B"], ["p", "q"])
+    batches = [*dev, pair]
+    runner = PrefixRunner(model, forward_logits, batches)
+    with torch.inference_mode():
+        for name in acts[:: max(1, len(acts) // 6)] + acts[-1:]:  # conv, glue and encoder layers
+            q, amax = quantizers[name], quantizers[name].amax.clone()
+
+            def form(scale: float | None):
+                def put():
+                    if scale is None:
+                        q.disable()
+                    else:
+                        q.amax = amax * scale
+                        q.enable()
+                return put
+
+            forms = [form(None), form(1.0), form(0.25)]
+            side_by_side = runner.run_variants(name.rsplit(".", 1)[0], forms)
+            for put, outs in zip(forms, side_by_side):
+                put()
+                alone = [forward_logits(model, b) for b in batches]
+                for a, b in zip(alone, outs):
+                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5), name
+            q.disable()
+        layer = acts[0].rsplit(".", 1)[0]
+        odd = PrefixRunner(model, lambda m, b: forward_logits(m, Batch(b.input_values[:1], None, b.lengths[:1],
+                                                                       b.texts[:1], b.ids[:1])), [pair])
+        with pytest.raises(ValueError, match=layer):
+            odd.run_variants(layer, [form(None), form(1.0)])
+
+
 def test_stage1_reuse_equals_naive_and_config_reproduces(setup):
     sm, calib, dev = setup
     fast = run_stablequant(sm, calib, dev, Settings(grid=GRID, gamma=0.25, num_bins=256), progress=False)
@@ -251,6 +296,42 @@ def test_default_recipe_resumes_to_the_same_result(setup, tmp_path, monkeypatch)
     assert resumed.evaluations < reference.evaluations
     same = {"evaluations": 0, "seconds": {}}
     assert resumed.to_json() | same == reference.to_json() | same
+
+
+def test_walk_ladder_prefetch_sees_every_comparison_first_and_changes_nothing():
+    """The walk with a prefetch callback ends where it ends without one, and every label it
+    compares was announced to prefetch before (brute force over ladders, starts and orders)."""
+    from itertools import permutations
+
+    from recipes.layerwise import walk_ladder
+
+    labels = list("abcde")
+    for kls in permutations(range(5)):
+        score = dict(zip(labels, kls))
+        for start in labels:
+            plain = walk_ladder(labels, start, lambda new, old: score[new] < score[old])
+            announced, compared = set(), []
+
+            def better(new, old):
+                compared.append(new)
+                assert new in announced or new == start, (new, kls, start)
+                return score[new] < score[old]
+
+            assert walk_ladder(labels, start, better, lambda due: announced.update(due)) == plain
+            assert set(compared) <= announced | {start}
+
+
+def test_default_recipe_side_by_side_candidates_choose_as_one_at_a_time(setup):
+    """Scoring the walk's next two candidates in one forward (default) picks the same calibrators,
+    with the same per-layer KLs up to float rounding, as one candidate per forward."""
+    sm, calib, dev = setup
+    settings = Settings(num_bins=256)
+    pairs = run_layerwise(sm, calib, dev, settings, progress=False)
+    single = run_layerwise(sm, calib, dev, settings, progress=False, variants_per_forward=1)
+    assert [(c.quantizer, c.chosen) for c in pairs.layers] == [(c.quantizer, c.chosen) for c in single.layers]
+    for a, b in zip(pairs.layers, single.layers):
+        assert a.kl == pytest.approx(b.kl, rel=1e-3, abs=1e-9)
+    assert pairs.config == single.config and pairs.final_wer == single.final_wer
 
 
 def test_one_standard_error_rule_by_hand():
