@@ -68,9 +68,10 @@ def as_batches(data, sm: SpeechModel, batch_seconds: float = 32.0) -> BatchList:
 
 def run_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, settings: Settings, recipe: str = "default",
                state_path: str | Path | None = None, resume: bool = False, seed: int = 0,
-               progress: bool = True):
+               progress: bool = True, variants_per_forward: int = 2):
     """Run a recipe; returns its result and the report meta (dev WERs of fp32, each uniform
-    baseline and the recipe, with paired bootstrap intervals)."""
+    baseline and the recipe, with paired bootstrap intervals). ``variants_per_forward``: the
+    default recipe's candidates scored side by side (at most 2 are useful; 1: one per forward)."""
     from .asr import UtteranceErrors
     from .compare import intervals, uniform_dev_errors
     from .layerwise import run_layerwise
@@ -79,8 +80,11 @@ def run_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, settings: Settin
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     start = time.perf_counter()
-    run = run_layerwise if recipe == "default" else run_stablequant
-    result = run(sm, calib, dev, settings, state_path=state_path, resume=resume, progress=progress)
+    if recipe == "default":
+        result = run_layerwise(sm, calib, dev, settings, state_path=state_path, resume=resume, progress=progress,
+                               variants_per_forward=min(2, variants_per_forward))
+    else:
+        result = run_stablequant(sm, calib, dev, settings, state_path=state_path, resume=resume, progress=progress)
     elapsed = time.perf_counter() - start
     errors = {"fp32": UtteranceErrors.from_json(result.dev_errors["fp32"]),
               **uniform_dev_errors(result, DevScorer(sm, dev))}

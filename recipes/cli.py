@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(dev CTC-loss change on the transcripts, as auto_quantize scores), or auto (allocate "
                         "with both, keep the lower WER on the calibration utterances, whose transcripts "
                         "neither score saw; ties: kl)")
+    q.add_argument("--variants-per-forward", type=_number(int, 1), default=8, metavar="K",
+                   help="candidates of one layer scored side by side in one forward of up to K copies of each "
+                        "dev batch (mixed precision: a layer's formats; default recipe: the next 2 on its "
+                        "ladder); cheaper than K forwards on small batches, K times the activation memory; "
+                        "1: one per forward (the paper recipe always is)")
     q.add_argument("--gamma", type=GAMMA, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
     q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
     q.add_argument("--num-bins", type=NUM_BINS, default=2048, help="histogram bins per activation quantizer")

@@ -704,14 +704,15 @@ def run_mixed(
 def run_mixed_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, budget_bits: float,
                      settings: Settings | None = None, state_path: str | Path | None = None, resume: bool = False,
                      seed: int = 0, progress: bool = True, block_scale_bits: float = SCALE_BITS,
-                     score: str = "auto") -> tuple[MixedResult, dict]:
+                     score: str = "auto", variants_per_forward: int = 8) -> tuple[MixedResult, dict]:
     """:func:`run_mixed` plus the report meta: dev WERs with paired-bootstrap intervals vs fp32."""
     from .asr import UtteranceErrors
     from .compare import intervals
 
     start = time.perf_counter()
     result = run_mixed(sm, calib, dev, budget_bits, settings, state_path=state_path, resume=resume,
-                       progress=progress, block_scale_bits=block_scale_bits, score=score)
+                       progress=progress, block_scale_bits=block_scale_bits, score=score,
+                       variants_per_forward=variants_per_forward)
     elapsed = time.perf_counter() - start
     errors = {k: UtteranceErrors.from_json(v) for k, v in result.dev_errors.items()}
     meta = {"model": sm.source or sm.name, "arch": sm.arch, "recipe": "mixed", "budget_bits": budget_bits,

@@ -96,7 +96,8 @@ def run_quantize(args) -> dict:
             raise ValueError("--budget-bits calibrates activations with the default recipe; drop --recipe paper")
         result, meta = run_mixed_recipe(sm, calib, dev, args.budget_bits, settings, state_path=out_dir / "state.json",
                                         resume=args.resume, seed=args.seed, progress=ranks.main,
-                                        block_scale_bits=args.block_scale_bits, score=args.mixed_score)
+                                        block_scale_bits=args.block_scale_bits, score=args.mixed_score,
+                                        variants_per_forward=args.variants_per_forward)
         meta.update(model=str(args.model), device=str(device), ranks=ranks.world)
         if not ranks.main:  # rank 0 writes the outputs, once
             return result.to_json()
@@ -104,7 +105,8 @@ def run_quantize(args) -> dict:
         print(f"\nwrote {out_dir}/ (report.md, report.json, modelopt_config.json, model.pth, pareto.png)")
         return result.to_json()
     result, meta = run_recipe(sm, calib, dev, settings, args.recipe, state_path=out_dir / "state.json",
-                              resume=args.resume, seed=args.seed, progress=ranks.main)
+                              resume=args.resume, seed=args.seed, progress=ranks.main,
+                              variants_per_forward=args.variants_per_forward)
     meta.update(model=str(args.model), device=str(device), ranks=ranks.world)
     if not ranks.main:  # rank 0 writes the outputs, once
         return result.to_json()
