@@ -83,6 +83,9 @@ def test_quantize_budget_bits_writes_mixed_report_and_resumes(workspace, capsys)
     with pytest.raises(SystemExit):
         main(_quantize_args(workspace, workspace / "never", "--budget-bits", "3.5"))
     assert "must be >= 4.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_quantize_args(workspace, workspace / "never", "--budget-bits", "6", "--variants-per-forward", "0"))
+    assert "--variants-per-forward" in capsys.readouterr().err
 
 
 def test_quantize_writes_reports_and_refuses_existing_dir(workspace, capsys):
