@@ -166,9 +166,14 @@ def compare_methods(
     if budgets:
         from .mixed_report import mixed_compare_rows
 
-        table["mixed"] = mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bins,
+        # the mixed search starts from the default recipe at W8A8: the 8-bit row's, when there is one
+        settings = Settings(gamma=gamma, num_bins=num_bins)
+        if grid is not None:
+            settings.grid = list(grid)
+        base = Path(out_dir) / "state_default_w8a8.json" if out_dir and 8 in bits else None
+        table["mixed"] = mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, settings,
                                             Path(out_dir) / "state_mixed.json" if out_dir else None, resume,
-                                            resamples, seed, score=mixed_score)
+                                            resamples, seed, score=mixed_score, base_state=base)
     return table
 
 

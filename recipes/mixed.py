@@ -423,6 +423,7 @@ def run_mixed(
     block_scale_bits: float = SCALE_BITS,
     score: str = "auto",
     variants_per_forward: int = 8,
+    base_state_path: str | Path | None = None,
 ) -> MixedResult:
     """Mixed precision of ``sm`` under ``budget_bits`` average bits per weight (see module doc).
 
@@ -430,7 +431,9 @@ def run_mixed(
     auto_quantize's count). It only moves the allocation, so runs that differ in it share the state.
     ``variants_per_forward``: formats of one layer scored side by side in one suffix forward of
     that many copies of each dev batch (:meth:`PrefixRunner.run_variants`; 1: one at a time, the
-    least memory). ``score``: ``kl`` or ``ctc`` allocates with that sensitivity; ``auto`` verifies both and keeps
+    least memory). ``base_state_path``: a state file of the default recipe at W8A8 on the same model,
+    data and settings (``compare``'s own 8-bit run), resumed instead of searching again (default:
+    ``state_w8a8.json`` beside ``state_path``). ``score``: ``kl`` or ``ctc`` allocates with that sensitivity; ``auto`` verifies both and keeps
     the lower WER on the calibration utterances (ties: ``kl``; :func:`choose_score`). Both scores are always computed (same forwards) and stored.
     """
     from .autoquant import CtcLossChange
@@ -448,10 +451,12 @@ def run_mixed(
         raise ValueError(f"menu must include 'float' and only formats of {list(MENU)}; got {list(menu)}")
     formats = {m: MENU[m] for m in menu}
     base_settings = Settings(**{**asdict(settings or Settings()), "wbits": 8, "abits": 8})
-    base_state = Path(state_path).with_name("state_w8a8.json") if state_path else None
+    base_state = Path(base_state_path) if base_state_path else \
+        Path(state_path).with_name("state_w8a8.json") if state_path else None
     progress = progress and current_ranks().main
     started = time.perf_counter()
-    base = run_layerwise(sm, calib_batches, dev_batches, base_settings, state_path=base_state, resume=resume,
+    base = run_layerwise(sm, calib_batches, dev_batches, base_settings, state_path=base_state,
+                         resume=resume or base_state_path is not None,
                          progress=progress, variants_per_forward=min(2, variants_per_forward))
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, base_settings, state_path,
                                                   resume, recipe="mixed")  # menu-free: scores are per format

@@ -115,23 +115,22 @@ def write_mixed_outputs(out_dir: Path, result, meta: dict) -> str:
     return write_outputs(out_dir, result, meta, mixed_markdown(result, meta), [(plot_pareto, "pareto.png")])
 
 
-def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, num_bins: int, state_path, resume: bool,
-                       resamples: int = 1000, seed: int = 0, score: str = "auto") -> dict:
+def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, settings, state_path, resume: bool,
+                       resamples: int = 1000, seed: int = 0, score: str = "auto", base_state=None) -> dict:
     """``stablequant compare`` rows for mixed precision: test WER per budget, with intervals vs fp32.
 
     Every budget shares one state file: the default recipe's W8A8 run and the per-layer
     sensitivities do not depend on the budget, so only the first budget pays for them.
+    ``base_state``: compare's own W8A8 default-recipe state file (same ``settings``), reused.
     """
     from .asr import paired_bootstrap
     from .compare import outputs
     from .fastquant import fast_fake_quant
     from .mixed import run_mixed
-    from .stablequant import Settings
-
     rows = {}
     for k, budget in enumerate(budgets):
-        r = run_mixed(sm, calib, dev, float(budget), Settings(num_bins=num_bins), state_path=state_path,
-                      resume=resume or k > 0, score=score)
+        r = run_mixed(sm, calib, dev, float(budget), settings, state_path=state_path,
+                      resume=resume or k > 0, score=score, base_state_path=base_state)
         with fast_fake_quant(r.model.model):
             err = test_scorer.errors(outputs(r.model.model, test_scorer.batches))
         counts: dict[str, int] = {}

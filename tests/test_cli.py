@@ -230,6 +230,8 @@ def test_compare_writes_intervals_and_subsets(workspace):
         assert row["avg_weight_bits"] <= float(budget) and 0 <= row["test_wer"]
         assert row["vs_fp32"]["resamples"] == 1000
     assert "| mixed, budget 6.0 |" in md
+    # the mixed search resumed the 8-bit default-recipe run instead of searching again
+    assert not (out / "state_w8a8.json").exists() and (out / "state_default_w8a8.json").exists()
 
 
 @pytest.mark.parametrize("option,value,message", [
