@@ -116,10 +116,14 @@ def compare_methods(
     for name, rows in subsets.items():
         if not rows:
             raise ValueError(f"test subset {name!r} shares no utterance with the test set")
-    for b in bits:
+    def settings_at(b: int) -> Settings:
         settings = Settings(wbits=b, abits=b, gamma=gamma, num_bins=num_bins)
         if grid is not None:
             settings.grid = list(grid)
+        return settings
+
+    for b in bits:
+        settings = settings_at(b)
         state = (lambda tag: Path(out_dir) / f"state_{tag}_w{b}a{b}.json") if out_dir else (lambda tag: None)
         paper = run_stablequant(sm, calib, dev, settings, state_path=state("paper"), resume=resume)
         default = run_layerwise(sm, calib, dev, settings, state_path=state("default"), resume=resume)
@@ -167,11 +171,8 @@ def compare_methods(
         from .mixed_report import mixed_compare_rows
 
         # the mixed search starts from the default recipe at W8A8: the 8-bit row's, when there is one
-        settings = Settings(gamma=gamma, num_bins=num_bins)
-        if grid is not None:
-            settings.grid = list(grid)
         base = Path(out_dir) / "state_default_w8a8.json" if out_dir and 8 in bits else None
-        table["mixed"] = mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, settings,
+        table["mixed"] = mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, settings_at(8),
                                             Path(out_dir) / "state_mixed.json" if out_dir else None, resume,
                                             resamples, seed, score=mixed_score, base_state=base)
     return table

@@ -547,7 +547,7 @@ def run_mixed(
         stale = sum(1 for l, f in todo if f in sens.get(l, {}) and f not in sens_ctc.get(l, {}))
         if stale:
             log.warning("the state file has %d KL sensitivities without a CTC score (written before CTC "
-                        "scoring): recomputing them, one suffix forward each", stale)
+                        "scoring): recomputing them", stale)
         bar = tqdm(total=len(todo), desc="per-layer sensitivity (layer x format)", disable=not progress)
         setter.fold({})
         for l in layers:
