@@ -1,8 +1,7 @@
-"""ASR evaluation: greedy CTC decoding, LibriSpeech-style text normalisation, WER/CER (percent)."""
+"""ASR evaluation: greedy CTC decoding, WER/CER (percent) of text as the model's vocabulary spells it."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-_SPECIAL = re.compile(r"^<[^>]*>$")
+from recipes.speech.text import TextCodec, is_special, text_codec
 
 
 def _decode_ids(ids, vocab: list[str], blank_id: int, word_delimiter: str) -> str:
@@ -23,7 +22,7 @@ def _decode_ids(ids, vocab: list[str], blank_id: int, word_delimiter: str) -> st
         token = vocab[token_id] if 0 <= token_id < len(vocab) else ""
         if token == word_delimiter:
             pieces.append(" ")
-        elif not _SPECIAL.match(token):  # <s>, </s>, <unk>, ...: never part of the text
+        elif not is_special(token):  # <s>, </s>, <unk>, [PAD], ...: never part of the text
             pieces.append(token)
     return " ".join("".join(pieces).split())
 
@@ -52,7 +51,8 @@ def greedy_ctc_decode(logits_or_ids: torch.Tensor, vocab: list[str], blank_id: i
 
 
 def normalize_text(text: str) -> str:
-    """LibriSpeech style: uppercase; keep letters, apostrophes, spaces; other chars -> space."""
+    """LibriSpeech style, for text with no model: uppercase; keep letters, apostrophes, spaces; other
+    chars -> space. Scores of a model's output use its vocabulary's codec instead (``codec=``)."""
     kept = "".join(c if c.isalpha() or c == "'" else " " for c in text.upper())
     return " ".join(kept.split())
 
@@ -101,13 +101,18 @@ def _edits(refs: list[str], hyps: list[str], process, tokens) -> np.ndarray:
     return edits
 
 
-def utterance_errors(refs: list[str], hyps: list[str], normalize: bool = True) -> UtteranceErrors:
-    """Word and character edit counts of every (reference, hypothesis) pair."""
+def utterance_errors(refs: list[str], hyps: list[str], normalize: bool = True,
+                     codec: TextCodec | None = None) -> UtteranceErrors:
+    """Word and character edit counts of every (reference, hypothesis) pair.
+
+    Both sides are written as ``codec`` (the model's vocabulary) spells them; with no codec,
+    LibriSpeech-style ``normalize_text``; ``normalize=False`` only collapses whitespace.
+    """
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     if not refs:
         raise ValueError("no utterances to score")
-    norm = normalize_text if normalize else (lambda t: " ".join(t.split()))
+    norm = (codec.canonical if codec is not None else normalize_text) if normalize else (lambda t: " ".join(t.split()))
     refs, hyps = [norm(r) for r in refs], [norm(h) for h in hyps]
     return UtteranceErrors(
         word_edits=_edits(refs, hyps, jiwer.process_words, str.split),
@@ -117,7 +122,8 @@ def utterance_errors(refs: list[str], hyps: list[str], normalize: bool = True) -
     )
 
 
-def wer_cer(refs: list[str], hyps: list[str], normalize: bool = True) -> tuple[float, float]:
+def wer_cer(refs: list[str], hyps: list[str], normalize: bool = True,
+            codec: TextCodec | None = None) -> tuple[float, float]:
     """Corpus-level WER and CER in percent (total edits / total reference words or chars).
 
     Empty hypothesis: all its reference words count as deletions. Empty reference: every
@@ -125,7 +131,7 @@ def wer_cer(refs: list[str], hyps: list[str], normalize: bool = True) -> tuple[f
     If the whole corpus has no reference words, the rate is 0.0 when there are no errors and
     inf otherwise. CER counts characters including the spaces between words.
     """
-    errors = utterance_errors(refs, hyps, normalize)
+    errors = utterance_errors(refs, hyps, normalize, codec)
     return errors.wer, errors.cer
 
 
@@ -198,5 +204,5 @@ def evaluate(sm, batches, progress: bool = True) -> dict:
     hyps = transcribe(sm, batches, progress=progress)
     refs = [t for b in batches for t in b.texts]
     ids = [i for b in batches for i in b.ids]
-    wer, cer = wer_cer(refs, hyps)
+    wer, cer = wer_cer(refs, hyps, codec=text_codec(sm))
     return {"wer": wer, "cer": cer, "n": len(refs), "hyps": hyps, "refs": refs, "ids": ids}

@@ -18,22 +18,16 @@ import torch.nn.functional as F
 from .asr import forward_logits
 from .distributed import DevShard
 from .models import SpeechModel, remove_weight_norm
+from .speech.text import text_codec
 
 
 def ctc_targets(sm: SpeechModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated label ids and lengths of ``texts`` in the model's vocabulary (spaces -> the
-    word delimiter; characters outside the vocabulary are an error naming them)."""
-    index = {tok: i for i, tok in enumerate(sm.vocab)}
-    labels, lengths = [], []
-    for text in texts:
-        ids = []
-        for ch in " ".join(text.upper().split()).replace(" ", sm.word_delimiter):
-            if ch not in index:
-                raise ValueError(f"transcript character {ch!r} is not in the model's vocabulary: {text!r}")
-            ids.append(index[ch])
-        labels += ids
-        lengths.append(len(ids))
-    return torch.tensor(labels, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+    """Concatenated label ids and lengths of ``texts`` as the model's vocabulary (or tokenizer)
+    writes them (:mod:`recipes.speech.text`)."""
+    codec = text_codec(sm)
+    encoded = [codec.encode(text) for text in texts]
+    return (torch.tensor([i for ids in encoded for i in ids], dtype=torch.long),
+            torch.tensor([len(ids) for ids in encoded], dtype=torch.long))
 
 
 def ctc_loss_func(sm: SpeechModel):

@@ -28,6 +28,7 @@ class Utterance:
     path: Path  # the audio file, or "ARROW_FILE#ROW" for audio stored in a table
     text: str
     audio: object = field(default=None, compare=False, repr=False)  # in-table audio: has read()
+    where: str = field(default="", compare=False)  # "file:line" of the transcript, for messages
 
 
 @dataclass
@@ -104,7 +105,7 @@ def read_librispeech(root: str | Path) -> list[Utterance]:
             audio = next((c for c in candidates if c.is_file()), None)
             if audio is None:
                 raise FileNotFoundError(f"{where}: audio file not found: {candidates[0]}")
-            utts.append(Utterance(utt_id, audio, text.strip()))
+            utts.append(Utterance(utt_id, audio, text.strip(), where=where))
     return sorted(utts, key=lambda u: u.id)
 
 
@@ -155,7 +156,8 @@ def read_fairseq_manifest(tsv: str | Path) -> list[Utterance]:
         text = label.replace(" ", "").replace("|", " ") if letters else label
         if not text.strip():
             raise ValueError(f"{label_path}:{label_no}: empty transcript for {rel}")
-        utts.append(Utterance(Path(rel).with_suffix("").as_posix(), audio, " ".join(text.split())))
+        utts.append(Utterance(Path(rel).with_suffix("").as_posix(), audio, " ".join(text.split()),
+                              where=f"{label_path}:{label_no}"))
     return utts
 
 
@@ -168,11 +170,13 @@ def read_plain_tsv(tsv: str | Path) -> list[Utterance]:
         if not line.strip():
             raise ValueError(f"{where}: empty line (expected audio_path<TAB>transcript)")
         rel, sep, text = line.partition("\t")
-        if not sep or not text.strip():
+        if not sep:
+            raise ValueError(f"{where}: no tab in {line.strip()!r} (expected audio_path<TAB>transcript)")
+        if not text.strip():
             raise ValueError(f"{where}: empty transcript for {rel.strip()!r}")
         audio = _require_file(_inside(tsv.parent, rel.strip(), where), where)
         utts.append(Utterance(Path(rel.strip()).with_suffix("").as_posix(), audio,
-                              " ".join(text.split())))
+                              " ".join(text.split()), where=where))
     return utts
 
 
@@ -304,8 +308,13 @@ def make_batches(utts: list[Utterance], sm, batch_seconds: float = 32.0, limit: 
         from recipes.speech import output_lengths
 
         frames = lambda n: output_lengths(model, n)  # noqa: E731
+    chosen = select_subset(utts, limit, seed)
+    if getattr(sm, "vocab", None) is not None:  # before any audio is decoded or any search starts
+        from recipes.speech.text import check_transcripts, text_codec
+
+        check_transcripts(text_codec(sm), chosen)
     loaded, skipped = [], []
-    for utt in select_subset(utts, limit, seed):
+    for utt in chosen:
         try:
             wav = load_audio(utt.path, sr, utt.audio)
             if frames is not None and int(frames(torch.tensor([len(wav)]))) < 1:

@@ -117,5 +117,5 @@ def read_datasets_dir(directory: str | Path) -> list:
                 raise ValueError(f"{where}: empty transcript in column {text_col!r}")
             utt_id = str(ids[row]) if ids is not None else f"{Path(name).stem}-{row:06d}"
             utts.append(Utterance(utt_id, Path(where), " ".join(text.split()),
-                                  audio=TableAudio(audio, row, directory, where)))
+                                  audio=TableAudio(audio, row, directory, where), where=f"{where} ({text_col})"))
     return utts

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .asr import UtteranceErrors, decode_logits, forward_logits, utterance_errors
+from .speech.text import text_codec
 from .atomic import write_json_atomic
 from .distributed import DevShard, barrier, current_ranks
 from .fastquant import fast_fake_quant
@@ -122,7 +123,7 @@ class DevScorer:
         hyps = [h for out, batch in zip(logits, self.batches) for h in decode_logits(self.sm, out, batch)]
         fields = UtteranceErrors.__dataclass_fields__
         if hyps:
-            local = utterance_errors([t for b in self.batches for t in b.texts], hyps)
+            local = utterance_errors([t for b in self.batches for t in b.texts], hyps, codec=text_codec(self.sm))
             counts = np.stack([getattr(local, k) for k in fields])
         else:  # more ranks than dev batches: this one holds none
             counts = np.zeros((len(fields), 0), dtype=np.int64)

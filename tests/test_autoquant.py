@@ -62,5 +62,6 @@ def test_ctc_targets(demo):
     vocab = sm.vocab
     assert [vocab[i] for i in labels] == ["A", "B", sm.word_delimiter, "C", "D"]
     assert lengths.tolist() == [4, 1]
-    with pytest.raises(ValueError, match="'#' is not in the model's vocabulary"):
-        ctc_targets(sm, ["A#B"])
+    labels, lengths = ctc_targets(sm, ["A#B", "Aé"])  # '#' is no letter: a space; 'é': the unknown token
+    assert [vocab[i] for i in labels] == ["A", sm.word_delimiter, "B", "A", "<unk>"]
+    assert lengths.tolist() == [3, 2]

@@ -134,6 +134,9 @@ def test_plain_tsv_escape_and_empty_transcript(tmp_path):
     tsv.write_text("in.flac\tok\nin.flac\t \n")
     with pytest.raises(ValueError, match=r"list\.tsv:2"):
         open_dataset(tsv)
+    tsv.write_text("in.flac\tok\nu0.flac HELLO WORLD\n")  # a space where the tab should be
+    with pytest.raises(ValueError, match=r"list\.tsv:2: no tab in 'u0\.flac HELLO WORLD'"):
+        open_dataset(tsv)
 
 
 # ----------------------------------------------------------------------------- audio

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ class SpeechModel:
     name: str = ""
     source: str = ""  # "demo", a model path, or "" (built in memory)
     family: str = ""  # name of the SpeechFamily that loaded it
+    # the model's own tokenizer (transformers), where it has one: it writes the CTC targets
+    tokenizer: object = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -314,7 +314,7 @@ def _processor_fields(tokenizer, fe) -> dict:
         vocab[i] = token
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__}: no pad token (the CTC blank)")
-    return dict(vocab=vocab, blank_id=int(tokenizer.pad_token_id),
+    return dict(vocab=vocab, blank_id=int(tokenizer.pad_token_id), tokenizer=tokenizer,
                 word_delimiter=getattr(tokenizer, "word_delimiter_token", "|") or "|",
                 sampling_rate=int(getattr(fe, "sampling_rate", 16000)),
                 do_normalize=bool(getattr(fe, "do_normalize", True)),
