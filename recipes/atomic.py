@@ -35,6 +35,21 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def require_writable(path: str | Path) -> None:
+    """Fail before any work when ``path``'s directory (or the nearest one that exists) cannot take
+    a new file: a read-only --out or --onnx directory is one line up front, with nothing written."""
+    directory = Path(path).absolute().parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".sq-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: directory {directory} is not writable "
+                         f"({e.strerror or type(e).__name__})") from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text)

@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"stablequant {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write refused half-way (disk full, permissions changed): one line
+        if getattr(args, "log_level", "WARNING") == "DEBUG":
+            raise
+        print(f"stablequant {args.command}: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         hint = ""
         if args.command in ("quantize", "compare"):

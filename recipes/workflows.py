@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import require_writable
 from .data import make_batches, open_dataset
 from .device import batches_to, model_device, resolve_device, to_device
 from .distributed import Ranks, barrier, init_ranks, ranks_from_env
@@ -65,6 +66,7 @@ def prepare_out_dir(out: str, overwrite: bool, resume: bool, ranks: Ranks | None
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise FileExistsError(f"output directory {out_dir} exists and is not empty: pass --overwrite "
                               "(our files are replaced, nothing else is touched) or --resume")
+    require_writable(out_dir / "report.json")  # before minutes of search, not when the report is written
     barrier()  # nobody checks after rank 0 has changed the directory
     if ranks is None or ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +212,7 @@ def run_export(args) -> dict | None:
     onnx_path = Path(args.onnx)
     if onnx_path.exists() and not args.overwrite:
         raise FileExistsError(f"{onnx_path} exists: pass --overwrite to replace it")
+    require_writable(onnx_path)
     _one_source(args, "--config", "--quantized")
     if args.quantized:
         from .qconfig import load_quantized

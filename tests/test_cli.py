@@ -209,6 +209,31 @@ def test_export_engine_without_tensorrt_writes_nothing(workspace, capsys):
     assert "TensorRT" in capsys.readouterr().err and not onnx.exists()
 
 
+def test_export_into_a_read_only_directory_is_one_line_and_writes_nothing(workspace, capsys, monkeypatch):
+    import os
+    import tempfile
+
+    ro = workspace / "read-only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway: refuse the directory as a read-only mount would
+        real = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and os.path.samefile(dir, ro):
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    args = ["export", "--model", str(workspace / "model"), "--calib", str(workspace / "set.tsv"),
+            "--allow-fp32", "--onnx", str(ro / "model.onnx")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"directory {ro} is not writable" in err and "Traceback" not in err
+    assert list(ro.iterdir()) == []
+    ro.chmod(0o755)
+
+
 def test_compare_writes_intervals_and_subsets(workspace):
     sub = workspace
     (sub / "half.tsv").write_text("./u0.flac\tHELLO THERE\nx/../u2.flac\tHELLO THERE\n")  # other spellings
