@@ -173,14 +173,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(sm, calib, dev, s: Settings) -> dict:
-    return {
+PAPER_ONLY_SETTINGS = ("gamma", "grid")  # read by the paper recipe's stages only
+
+
+def _fingerprint(sm, calib, dev, s: Settings, paper: bool) -> dict:
+    """What tells runs apart: model, data, and the settings this recipe reads (a default-recipe or
+    mixed --resume with another --gamma / --grid is the same run)."""
+    out = {
         "model": model_fingerprint(sm.model),
         "calib": hashlib.sha256("\n".join(i for b in calib for i in b.ids).encode()).hexdigest()[:16],
         "dev": hashlib.sha256("\n".join(i for b in dev for i in b.ids).encode()).hexdigest()[:16],
         "wbits": s.wbits, "abits": s.abits, "gamma": s.gamma, "grid": s.grid, "num_bins": s.num_bins,
         "equalize": list(s.equalize), "equalize_alpha": s.equalize_alpha,
     }
+    return out if paper else {k: v for k, v in out.items() if k not in PAPER_ONLY_SETTINGS}
 
 
 @contextmanager
@@ -255,13 +261,13 @@ def calibrated_copy(sm: SpeechModel, calib_batches: Sequence, s: Settings):
 
 
 def begin_recipe(sm: SpeechModel, calib_batches: Sequence, dev_batches: Sequence, settings: Settings | None,
-                 state_path: str | Path | None, resume: bool, **fingerprint):
+                 state_path: str | Path | None, resume: bool, paper: bool = False, **fingerprint):
     """What every recipe run starts with: validated settings, the dev scorer, the state file
     (``fingerprint`` adds fields that tell runs apart), layer kinds and a phase clock."""
     s = settings or Settings()
     s.validate()
     scorer = DevScorer(sm, dev_batches)
-    state = StateFile(state_path, {**_fingerprint(sm, calib_batches, dev_batches, s), **fingerprint}, resume)
+    state = StateFile(state_path, {**_fingerprint(sm, calib_batches, dev_batches, s, paper), **fingerprint}, resume)
     barrier()  # every rank has read the state file before rank 0 writes it again
     return s, scorer, state, _layer_kinds(sm), PhaseClock()
 
@@ -282,7 +288,8 @@ def run_stablequant(
     """Algorithm 1 on ``sm``; returns the quantized copy, the decisions and a ModelOpt config."""
     from sq_plugin.modelopt_glue import calibrator_of
 
-    s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume)
+    s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
+                                                      paper=True)
     lap = clock.lap
     qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
     model = qsm.model

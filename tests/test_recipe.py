@@ -292,10 +292,14 @@ def test_default_recipe_resumes_to_the_same_result(setup, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_layerwise(sm, calib, dev, settings, state_path=state, progress=False)
     monkeypatch.setattr(layerwise.LogitDivergence, "batch_sums", real)
-    resumed = run_layerwise(sm, calib, dev, settings, state_path=state, resume=True, progress=False)
+    # the default recipe reads neither gamma nor the cut-off grid: another value is the same run
+    paper_only = Settings(num_bins=256, gamma=3.0, grid=[0.0, 0.3])
+    resumed = run_layerwise(sm, calib, dev, paper_only, state_path=state, resume=True, progress=False)
     assert resumed.evaluations < reference.evaluations
-    same = {"evaluations": 0, "seconds": {}}
+    same = {"evaluations": 0, "seconds": {}, "settings": {}}
     assert resumed.to_json() | same == reference.to_json() | same
+    with pytest.raises(ValueError, match="different num_bins"):
+        run_layerwise(sm, calib, dev, Settings(num_bins=128), state_path=state, resume=True, progress=False)
 
 
 def test_walk_ladder_prefetch_sees_every_comparison_first_and_changes_nothing():
