@@ -122,7 +122,7 @@ def bench_calibration_pass(repeats: int, seconds: float, num_layers: int) -> dic
     from modelopt.torch.quantization.model_calib import enable_stats_collection
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from sq_plugin.modelopt_glue import calibrator_of, collects
+    from sq_plugin.modelopt_private import calibrator_of, collects
 
     base = _tiny_wav2vec2(num_layers)
     audio = torch.randn(2, int(16000 * seconds))

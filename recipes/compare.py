@@ -42,7 +42,8 @@ def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
     The default recipe evaluated them as its starts (weights per-channel max); for a paper run
     they are evaluated here from the run's histograms, the model left as the recipe chose.
     """
-    from sq_plugin.modelopt_glue import activation_quantizers, calibrator_of
+    from sq_plugin.quantizers import activation_quantizers
+    from sq_plugin.modelopt_private import calibrator_of
 
     if result.recipe == "default":
         return {m: UtteranceErrors.from_json(result.dev_errors[f"{spec_label(*spec)}/max"])
@@ -104,7 +105,9 @@ def compare_methods(
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from sq_plugin.modelopt_glue import activation_quantizers, calibrator_of
+    from sq_plugin.quantizers import activation_quantizers
+
+    from sq_plugin.modelopt_private import calibrator_of
 
     test_scorer = DevScorer(sm, test)
     test_ids = [i for b in test for i in b.ids]

@@ -104,7 +104,9 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from sq_plugin.modelopt_glue import E4M3, is_float_format, quantizes, static_amax
+    from sq_plugin.quantizers import E4M3, is_float_format
+
+    from sq_plugin.modelopt_private import quantizes, static_amax
 
     specs = {}
     for name, q in model.named_modules():
@@ -158,7 +160,7 @@ class _QDQ(torch.autograd.Function):
     def forward(ctx, inputs, amax, num_bits, narrow_range, axis, qmin, qmax, shift, fp8):
         from modelopt.torch.quantization.tensor_quant import fake_tensor_quant, scaled_e4m3
 
-        from sq_plugin.modelopt_glue import E4M3
+        from sq_plugin.quantizers import E4M3
 
         if fp8:
             return scaled_e4m3(inputs, amax, None, *E4M3)
@@ -188,7 +190,8 @@ class _QDQ(torch.autograd.Function):
 
 
 def _export_entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    from sq_plugin.modelopt_glue import amax_for, bias_for, is_float_format
+    from sq_plugin.modelopt_private import amax_for, bias_for
+    from sq_plugin.quantizers import is_float_format
 
     if quantizer.block_sizes:  # a weight in ModelOpt's block layout (checked by quant_specs)
         return block_qdq(inputs, quantizer)

@@ -80,7 +80,8 @@ def fake_quant_blocks(weight: torch.Tensor, amax: torch.Tensor, axis: int, block
 
 
 def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    from sq_plugin.modelopt_glue import amax_for, bias_for, is_float_format
+    from sq_plugin.modelopt_private import amax_for, bias_for
+    from sq_plugin.quantizers import is_float_format
 
     if is_float_format(quantizer):  # FP8 set after entry (the mixed search): ModelOpt's own
         from modelopt.torch.quantization.tensor_quant import scaled_e4m3
@@ -97,7 +98,7 @@ def _entrypoint(inputs: torch.Tensor, quantizer) -> torch.Tensor:
 def eligible(quantizer) -> bool:
     """Plain integer fake quant (CPU or CUDA; per-tensor, per-channel or static blocks) with a
     calibrated amax and a static shift if any: the fast path."""
-    from sq_plugin.modelopt_glue import is_dynamic, static_amax
+    from sq_plugin.modelopt_private import is_dynamic, static_amax
 
     blocks = quantizer.block_sizes or {}
     plain_blocks = blocks.get("type", "static") == "static" and all(isinstance(k, int) or k == "type" for k in blocks)

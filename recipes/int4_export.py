@@ -142,7 +142,7 @@ def weight_block_spec(model: torch.nn.Module, name: str, q) -> tuple[int, int]:
     """(axis, size) of a block quantizer that the export can write: a 4-bit weight's static blocks
     along one axis that divide it; ExportError naming the quantizer and the reason otherwise."""
     from recipes.export import ExportError
-    from sq_plugin.modelopt_glue import is_weight_quantizer
+    from sq_plugin.quantizers import is_weight_quantizer
 
     blocks = {k: v for k, v in q.block_sizes.items() if k != "type"}
     owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
@@ -198,7 +198,7 @@ def block_qdq(blocks: torch.Tensor, quantizer) -> torch.Tensor:
     """Export backend of a static block weight quantizer: ``blocks`` is the weight in ModelOpt's block
     layout (ModelOpt reshapes it before the backend and back after). Codes and scales are computed
     here from the weight's values (constants of the graph) and carried by the placeholder."""
-    from sq_plugin.modelopt_glue import amax_for
+    from sq_plugin.modelopt_private import amax_for
 
     amax = amax_for(quantizer, blocks)
     (axis, block), = [(k, v) for k, v in quantizer.block_sizes.items() if isinstance(k, int)]

@@ -80,7 +80,7 @@ def calibrator_amax(cal, name: str, kwargs: dict, num_bins: int | None = None, s
     ``shift=True``: ``(amax, bias)`` of its one-sided range (see ``calibrators.shifted_range``).
     """
     from sq_plugin import calibrator_class
-    from sq_plugin.modelopt_glue import calibrator_bits
+    from sq_plugin.modelopt_private import calibrator_bits
 
     num_bits, unsigned = calibrator_bits(cal)
     searcher = calibrator_class(name)(num_bits=num_bits, unsigned=unsigned,
@@ -232,7 +232,8 @@ def run_layerwise(
     neighbours on the ladder first) are scored side by side in one suffix forward of two copies
     of each dev batch (:meth:`PrefixRunner.run_variants`), which costs less than two forwards
     even when one of them turns out unneeded; 1: one candidate per forward, as needed."""
-    from sq_plugin.modelopt_glue import calibrator_of, set_mse_weight_amax, set_shift, weight_quantizers
+    from sq_plugin.modelopt_private import calibrator_of
+    from sq_plugin.quantizers import set_mse_weight_amax, set_shift, weight_quantizers
 
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
                                                   recipe="default")

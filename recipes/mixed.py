@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sq_plugin.modelopt_glue import E4M3
+from sq_plugin.quantizers import E4M3
 
 from .asr import forward_logits
 from .distributed import broadcast_from_main, current_ranks
@@ -130,7 +130,8 @@ def model_weight_bits(model: torch.nn.Module, scale_bits: float = SCALE_BITS) ->
     num_bits, plus ``scale_bits`` per stored scale for a block quantizer (its amax has one per
     block, padded blocks included); 16 where the weight is not quantized. The same count for our
     allocations and for ``mtq.auto_quantize``'s, whatever formats they chose."""
-    from sq_plugin.modelopt_glue import is_float_format, quantizes, static_amax
+    from sq_plugin.quantizers import is_float_format
+    from sq_plugin.modelopt_private import quantizes, static_amax
 
     modules = dict(model.named_modules())
     sizes, bits = [], []
@@ -326,7 +327,7 @@ class FormatSetter:
         if key not in self._folded:
             from modelopt.torch.quantization.tensor_quant import scaled_e4m3
 
-            from sq_plugin.modelopt_glue import _amax_shape
+            from sq_plugin.quantizers import amax_shape
 
             q, w = self.modules[layer].weight_quantizer, self.original[layer]
             amax = self.weight_amax(layer, fmt)
@@ -335,12 +336,12 @@ class FormatSetter:
             elif fmt.blocks:
                 self._folded[key] = fake_quant_blocks(w, amax, *self.blocks[layer], fmt.wbits, q.narrow_range)
             else:
-                self._folded[key] = fake_quant_int(w, amax.reshape(_amax_shape(q, w)), fmt.wbits, False,
+                self._folded[key] = fake_quant_int(w, amax.reshape(amax_shape(q, w)), fmt.wbits, False,
                                                    q.narrow_range)
         return self._folded[key]
 
     def _activation(self, layer: str, fmt: Format) -> None:
-        from sq_plugin.modelopt_glue import clear_shift, set_shift
+        from sq_plugin.quantizers import clear_shift, set_shift
 
         q = self.modules[layer].input_quantizer
         if fmt.abits is None:
@@ -370,7 +371,7 @@ class FormatSetter:
 
     def as_quantizers(self, assign: dict[str, Format]) -> None:
         """Final form: float weights, each weight quantizer at its bits and amax (saveable)."""
-        from sq_plugin.modelopt_glue import set_weight_format
+        from sq_plugin.quantizers import set_weight_format
 
         for layer, m in self.modules.items():
             fmt = assign.get(layer, MENU["float"])
@@ -440,7 +441,7 @@ def run_mixed(
 
     from calibrators import per_block_mse_amax, per_channel_mse_amax, weight_block
     from sq_plugin import calibrator_class
-    from sq_plugin.modelopt_glue import calibrator_of
+    from sq_plugin.modelopt_private import calibrator_of
 
     if variants_per_forward < 1:
         raise ValueError(f"variants_per_forward must be >= 1; got {variants_per_forward}")
@@ -513,14 +514,14 @@ def run_mixed(
         key = (layer, fmt.wbits, fmt.blocks, fmt.fp8)
         if key not in w_cache:
             m = modules[layer]
-            from sq_plugin.modelopt_glue import _amax_shape
+            from sq_plugin.quantizers import amax_shape
 
             if fmt.fp8:
                 w_cache[key] = weight_max[layer].max().reshape(())
             elif fmt.blocks:
                 w_cache[key] = per_block_mse_amax(setter.original[layer], *blocks[layer], fmt.wbits)
             else:
-                shape = _amax_shape(m.weight_quantizer, m.weight)
+                shape = amax_shape(m.weight_quantizer, m.weight)
                 w_cache[key] = per_channel_mse_amax(setter.original[layer], weight_max[layer].reshape(shape),
                                                     fmt.wbits, False).reshape(weight_max[layer].shape)
         return w_cache[key]

@@ -250,7 +250,7 @@ def calibrated_copy(sm: SpeechModel, calib_batches: Sequence, s: Settings):
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from sq_plugin.modelopt_glue import activation_quantizers
+    from sq_plugin.quantizers import activation_quantizers
 
     qsm = quantize_copy(sm, base_config(s), calib_batches)
     acts = activation_quantizers(qsm.model)
@@ -286,7 +286,7 @@ def run_stablequant(
     progress: bool = True,
 ) -> StableQuantResult:
     """Algorithm 1 on ``sm``; returns the quantized copy, the decisions and a ModelOpt config."""
-    from sq_plugin.modelopt_glue import calibrator_of
+    from sq_plugin.modelopt_private import calibrator_of
 
     s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
                                                       paper=True)

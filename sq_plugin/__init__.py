@@ -7,7 +7,7 @@ works, and exposes the calibrator registry (built-ins + pluggy entry-point group
 
 from .formats import STABLEQUANT_INT8_CFG, stablequant_format
 from .hookspecs import hookimpl
-from .modelopt_glue import StableQuantCalibConfig, register, stablequant_calibrate
+from .algorithm import StableQuantCalibConfig, register, stablequant_calibrate
 from .registry import (
     calibrator,
     calibrator_class,

@@ -8,7 +8,7 @@ formats. Per-layer scores and the effective-bits budget are auto_quantize's own.
 
 from __future__ import annotations
 
-from .modelopt_glue import METHOD
+from .algorithm import METHOD
 
 
 def stablequant_format(num_bits: int = 8, weight_calibrator: str = "mse", num_bins: int = 2048) -> dict:

@@ -69,6 +69,6 @@ def calibrator(name: str, **kwargs) -> tuple[type, tuple, dict]:
     """A ModelOpt constructor tuple ``(cls, args, kwargs)`` for a quantizer's ``"calibrator"`` field.
 
     The quantizer's own ``num_bits``/``unsigned`` reach the calibrator through the patch in
-    :mod:`sq_plugin.modelopt_glue`, so they are not part of ``kwargs``.
+    :mod:`sq_plugin.algorithm`, so they are not part of ``kwargs``.
     """
     return (calibrator_class(name), (), dict(kwargs))

@@ -80,7 +80,7 @@ def test_per_block_mse_amax_is_the_brute_force_optimum(shape, axis, block):
 def test_block_fake_quant_is_modelopt_bitwise(shape, block_sizes):
     """ModelOpt's own block quantizer is the oracle: its max calibration gives our per-block max,
     and its fake quant equals ours bit for bit, at its amax and at an MSE amax set through the glue."""
-    from sq_plugin.modelopt_glue import set_weight_format
+    from sq_plugin.quantizers import set_weight_format
 
     g = torch.Generator().manual_seed(len(shape))
     w = torch.randn(*shape, generator=g) * 2

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE = ROOT / "sq_plugin" / "modelopt_glue.py"
+GLUE = ROOT / "sq_plugin" / "modelopt_private.py"
 # private TensorQuantizer / _Calibrator attributes of ModelOpt 0.47 (not a calibrator's own `self._x`)
 PRIVATE = re.compile(r"(?<!\bself)\._(amax|calibrator|num_bits|unsigned|axis|if_calib|if_quant|disabled|dynamic|"
                      r"narrow_range|get_amax|get_bias|bias_value|bias_type|use_constant_amax|block_sizes|fake_quant|"
@@ -57,7 +57,7 @@ def test_calibrator_bit_sync_is_needed_on_this_modelopt_and_applied():
 
     import sq_plugin  # noqa: F401
     from calibrators import StableQuantCalibrator
-    from sq_plugin.modelopt_glue import calibrator_bits, calibrator_of, tuple_calibrators_get_quantizer_bits
+    from sq_plugin.modelopt_private import calibrator_bits, calibrator_of, tuple_calibrators_get_quantizer_bits
 
     patched = getattr(TensorQuantizer.set_from_attribute_config, "_sq_plugin_sync", False)
     q = TensorQuantizer()

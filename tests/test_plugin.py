@@ -95,9 +95,9 @@ def test_import_registers_once_and_reimport_is_harmless():
     from modelopt.torch.quantization.mode import CalibrateModeRegistry
 
     assert "stablequant_calibrate" in CalibrateModeRegistry
-    importlib.reload(sq_plugin.modelopt_glue)
+    importlib.reload(sq_plugin.algorithm)
     importlib.reload(sq_plugin)
-    sq_plugin.modelopt_glue.register()
+    sq_plugin.algorithm.register()
     assert "stablequant_calibrate" in CalibrateModeRegistry
 
 
