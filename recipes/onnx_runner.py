@@ -1,8 +1,8 @@
 """Run an exported CTC .onnx with ONNX Runtime, and score it with the same evaluator as torch models.
 
-OnnxCTCModel looks enough like an HF CTC model (``model(x, attention_mask=...).logits``,
-``_get_feat_extract_output_lengths``, ``parameters()``) that recipes.asr.evaluate needs no
-ONNX-specific branch.
+OnnxCTCModel is a speech model of its own family (:mod:`recipes.speech.onnx_ctc`: logits from the
+session, frame counts from the exported conv geometry), so recipes.asr.evaluate needs no
+ONNX-specific branch; it imitates no other family's methods, so no other family claims it.
 """
 
 from __future__ import annotations
@@ -21,13 +21,6 @@ MIN_IM2COL_DEPTH = 64  # Cin*kernel below this (the 1-channel waveform conv) gai
 @dataclass
 class _Output:
     logits: torch.Tensor
-
-
-def _conv_output_length(lengths: torch.Tensor, kernels, strides) -> torch.Tensor:
-    """Frames the strided CNN front end yields for `lengths` samples (as HF computes it)."""
-    for kernel, stride in zip(kernels, strides):
-        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
-    return lengths
 
 
 # ----------------------------------------------------------------------------- ORT lowering
@@ -253,7 +246,7 @@ class OnnxCTCModel:
             x = x[None]
         return self.session.run(["logits"], {"input_values": x})[0]
 
-    # --- HF-model look-alike for recipes.asr -------------------------------------------------
+    # --- what recipes.speech.onnx_ctc asks ------------------------------------------------------
 
     def __call__(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None):
         x = input_values.detach().cpu().numpy()
@@ -272,14 +265,16 @@ class OnnxCTCModel:
     def _frames(self, samples: int) -> int | None:
         if "conv_kernel" not in self.meta:
             return None
-        return int(self._get_feat_extract_output_lengths(torch.tensor([samples]))[0])
+        return int(self.output_lengths(torch.tensor([samples]))[0])
 
-    def _get_feat_extract_output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid logit frames for ``lengths`` input samples, from the exported conv geometry."""
+        from recipes.speech.contract import conv_output_lengths
+
         if "conv_kernel" not in self.meta:
             raise ValueError(f"{self.path}: metadata lacks conv_kernel/conv_stride; re-export it "
                              "with recipes.export.export_onnx")
-        return _conv_output_length(torch.as_tensor(lengths), self.meta["conv_kernel"],
-                                   self.meta["conv_stride"])
+        return conv_output_lengths(lengths, list(zip(self.meta["conv_kernel"], self.meta["conv_stride"])))
 
     def parameters(self):
         return iter(())

@@ -461,6 +461,10 @@ def test_onnx_model_plugs_into_evaluate(int8):
     # A mask-trained model's runner evaluates each utterance unpadded.
     mask = (torch.arange(16_000)[None] < lengths[:, None]).long()
     onnx_sm = OnnxCTCModel(path).speech_model()
+    from recipes.speech import family_of
+    from recipes.speech.hf_ctc import FAMILY as HF
+
+    assert family_of(onnx_sm).name == "onnx" and not HF.claims_module(onnx_sm.model)  # whatever the list order
     out = onnx_sm.model(x, attention_mask=mask).logits
     alone = onnx_sm.model.logits(x[1:, :11_000].numpy())[0]
     np.testing.assert_allclose(out[1, : alone.shape[0]].numpy(), alone, atol=1e-6)

@@ -21,7 +21,7 @@ class OnnxCTCFamily(SpeechFamily):
         return model(input_values, attention_mask=attention_mask).logits
 
     def output_lengths(self, model, lengths):
-        return model._get_feat_extract_output_lengths(lengths)
+        return model.output_lengths(lengths)
 
 
 FAMILY = OnnxCTCFamily()
