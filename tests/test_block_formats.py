@@ -30,7 +30,6 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.config import QuantizerAttributeConfig  # noqa: E402
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
 
-from test_recipe import setup  # noqa: E402,F401  (tiny random model + calib/dev sets)
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SR = 16000
@@ -284,7 +283,7 @@ def test_block_onnx_runs_in_ort_like_torch(blk):
     import onnxruntime as ort
 
     from recipes.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
-    from test_export import activation_step, torch_logits
+    from oracles import activation_step, torch_logits
 
     sm, info, proto = blk
     so = ort.SessionOptions()

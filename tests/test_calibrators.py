@@ -13,7 +13,7 @@ from calibrators import (
     StableQuantCalibrator,
     stablequant_amax,
 )
-from test_search import _brute_force, _kept_sorted, _raw_mse
+from oracles import _brute_force, _kept_sorted, _raw_mse
 
 ALL_CALIBRATORS = [
     StableQuantCalibrator,

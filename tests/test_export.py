@@ -16,41 +16,10 @@ import modelopt.torch.quantization as mtq
 from recipes import export
 from recipes.export import ExportError, build_trt_engine, export_onnx, quantize_like_ort, read_metadata
 from recipes.models import random_model, remove_weight_norm
+from oracles import SR, activation_step, dq_nodes, enabled_quantizers, quantized_tiny, quantizer_of, torch_logits
 from recipes.onnx_runner import OnnxCTCModel, cpu_session_options, lower_qdq_conv_for_ort, run_eval_onnx
 
 warnings.filterwarnings("ignore", category=UserWarning)
-SR = 16000
-
-
-def quantized_tiny(weight_bits=8, seed=0):
-    sm = random_model("tiny", seed=seed)
-    remove_weight_norm(sm.model)
-    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
-    if weight_bits != 8:
-        cfg["quant_cfg"].append({"quantizer_name": "*weight_quantizer",
-                                 "cfg": {"num_bits": weight_bits, "axis": 0}})
-    calib = torch.randn(2, SR, generator=torch.Generator().manual_seed(seed))
-    mtq.quantize(sm.model, cfg, lambda m: m(calib))
-    return sm
-
-
-def enabled_quantizers(model):
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    return {n: q for n, q in model.named_modules()
-            if isinstance(q, TensorQuantizer) and q.is_enabled}
-
-
-def quantizer_of(node):
-    """'/model/wav2vec2/x/weight_quantizer/DequantizeLinear' -> 'wav2vec2.x.weight_quantizer'
-    (the exporter names nodes by module scope; 'model' is the logits-only wrapper)."""
-    scope = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
-    return scope.removeprefix("model.")
-
-
-def torch_logits(sm, x):
-    with torch.no_grad():
-        return sm.model(x).logits.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +37,6 @@ def w6(tmp_path_factory):
     q.amax = q.amax * 0.5
     path = export_onnx(sm, tmp_path_factory.mktemp("w6") / "tiny_w6.onnx")["path"]
     return sm, path, onnx.load(path)
-
-
-def dq_nodes(proto):
-    return [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
 
 
 # ----------------------------------------------------------------------------- graph form
@@ -195,11 +160,6 @@ def test_quantize_like_ort_is_bit_exact_with_onnxruntime():
 
 
 # ----------------------------------------------------------------------------- numerics
-
-
-def activation_step(sm):
-    return max(float(q.amax.max()) / 127 for n, q in enabled_quantizers(sm.model).items()
-               if n.endswith("input_quantizer"))
 
 
 def assert_close_to_torch(sm, path, shapes):

@@ -14,7 +14,7 @@ from recipes.export import export_onnx, read_metadata
 from recipes.int4_export import int4_tensor, int4_values, pack_int4, unpack_int4
 from recipes.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
 
-from test_export import activation_step, dq_nodes, quantized_tiny, quantizer_of, torch_logits
+from oracles import activation_step, dq_nodes, quantized_tiny, quantizer_of, torch_logits
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -23,7 +23,6 @@ from recipes.stablequant import DevScorer, Settings
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
 
-from test_recipe import setup  # noqa: E402,F401  (tiny random model + calib/dev sets)
 
 
 def _brute_force(scores, sizes, bits, budget):

@@ -10,15 +10,12 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 import sq_plugin  # noqa: F401
-from recipes.asr import forward_logits, transcribe
-from recipes.data import make_batches, open_dataset
-from recipes.models import random_model, remove_weight_norm
+from recipes.asr import forward_logits
+from recipes.models import remove_weight_norm
 from recipes.qconfig import calibration_loop, quantize_copy, stablequant_config
 from recipes.reuse import PrefixRunner
 from recipes.layerwise import run_layerwise
@@ -28,34 +25,6 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
 
 GRID = [0.0, 0.05, 0.1, 0.2, 0.5]
-
-
-def _write_set(root, name, n, rng, texts=None):
-    d = root / name
-    d.mkdir()
-    rows = []
-    for i in range(n):
-        x = rng.standard_normal(6000 + 1000 * i).astype("float32") * 0.1
-        x[rng.integers(len(x))] = 3.0  # a spike: outliers for the CNN input
-        sf.write(d / f"{name}{i}.flac", x, 16000)
-        rows.append(f"{name}{i}.flac\t{texts[i] if texts else 'X'}")
-    (d / "index.tsv").write_text("\n".join(rows) + "\n")
-    return d / "index.tsv"
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe")
-    rng = np.random.default_rng(0)
-    sm = random_model("tiny", seed=3)
-    remove_weight_norm(sm.model)
-    calib = make_batches(open_dataset(_write_set(root, "calib", 4, rng)), sm, batch_seconds=2)
-    utts0 = open_dataset(_write_set(root, "dev0", 5, np.random.default_rng(1)))
-    dev0 = make_batches(utts0, sm, batch_seconds=1.5)
-    by_id = dict(zip([i for b in dev0 for i in b.ids], transcribe(sm, dev0, progress=False)))
-    texts = [by_id[u.id] or "A" for u in utts0]  # same audio, in file order
-    dev = make_batches(open_dataset(_write_set(root, "dev", 5, np.random.default_rng(1), texts)), sm, batch_seconds=1.5)
-    return sm, calib, dev
 
 
 def test_prefix_cache_matches_full_forward(setup):

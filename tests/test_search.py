@@ -2,11 +2,12 @@
 histograms, numpy.percentile, ModelOpt's entropy, and a plain-Python KL loop."""
 
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+
+from oracles import _brute_force, _kept_sorted, _raw_mse
 
 from calibrators import (
     AbsHistogram,
@@ -50,33 +51,6 @@ def _hist(x, num_bins=2048):
 
 
 # ---------------------------------------------------------------- brute-force oracle on raw data
-def _kept_sorted(x, cutoff):
-    """|x| sorted, top floor(n * cutoff / 100) samples dropped (exact rational arithmetic)."""
-    a = np.sort(np.abs(x.astype(np.float64)))
-    n_drop = math.floor(Fraction(str(cutoff)) * a.size / 100)
-    return a[: a.size - n_drop]
-
-
-def _raw_mse(kept, amax, bits):
-    """Mean squared symmetric fake-quant error with saturation over the kept samples."""
-    qmax = 2 ** (bits - 1) - 1
-    step = amax / qmax
-    q = np.minimum(np.round(kept / step), qmax) * step
-    return float(np.mean((kept - q) ** 2))
-
-
-def _brute_force(kept, bits):
-    """Best amax on a 200-point grid over (0, max kept], refined by 200 points around it."""
-    top = kept[-1]
-    coarse = np.linspace(top / 200, top, 200)
-    i = int(np.argmin([_raw_mse(kept, c, bits) for c in coarse]))
-    d = coarse[1] - coarse[0]
-    fine = np.linspace(max(coarse[i] - 2 * d, d / 10), min(coarse[i] + 2 * d, top), 201)
-    errs = [_raw_mse(kept, c, bits) for c in fine]
-    j = int(np.argmin(errs))
-    return fine[j], errs[j]
-
-
 @pytest.mark.parametrize("name", sorted(DATA))
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_stablequant_matches_brute_force_on_raw_data(name, bits):
