@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -163,6 +164,23 @@ def paired_bootstrap(edits_a, edits_b, words, resamples: int = 1000, seed: int =
     return {"diff": 100.0 * float(delta.sum()) / float(n_words.sum()), "low": float(low), "high": float(high),
             "significant": bool(low > 0 or high < 0), "resamples": int(resamples), "seed": int(seed),
             "confidence": float(confidence)}
+
+
+def intervals(errors: dict[str, UtteranceErrors], reference: str, baselines: Sequence[str],
+              resamples: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Paired bootstrap CIs of each system's WER minus the reference's and the best baseline's."""
+    best = min(baselines, key=lambda m: errors[m].wer)
+    out = {"best_baseline": best}
+    for name, e in errors.items():
+        if name == reference:
+            continue
+        entry = {f"vs_{reference}": paired_bootstrap(e.word_edits, errors[reference].word_edits, e.words,
+                                                      resamples, seed)}
+        if name != best:
+            entry["vs_best_baseline"] = paired_bootstrap(e.word_edits, errors[best].word_edits, e.words,
+                                                         resamples, seed)
+        out[name] = entry
+    return out
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

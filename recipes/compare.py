@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .asr import UtteranceErrors, forward_logits, paired_bootstrap
+from .asr import UtteranceErrors, forward_logits, intervals, paired_bootstrap
 from .distributed import current_ranks
 from .fastquant import fast_fake_quant
 from .models import SpeechModel, layer_inventory
@@ -62,23 +62,6 @@ def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
         for n, q in acts.items():
             q.amax = chosen[n]
     return errors
-
-
-def intervals(errors: dict[str, UtteranceErrors], reference: str, baselines: Sequence[str],
-              resamples: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Paired bootstrap CIs of each system's WER minus the reference's and the best baseline's."""
-    best = min(baselines, key=lambda m: errors[m].wer)
-    out = {"best_baseline": best}
-    for name, e in errors.items():
-        if name == reference:
-            continue
-        entry = {f"vs_{reference}": paired_bootstrap(e.word_edits, errors[reference].word_edits, e.words,
-                                                      resamples, seed)}
-        if name != best:
-            entry["vs_best_baseline"] = paired_bootstrap(e.word_edits, errors[best].word_edits, e.words,
-                                                         resamples, seed)
-        out[name] = entry
-    return out
 
 
 def compare_methods(
@@ -171,7 +154,6 @@ def compare_methods(
                           for name, rows in subsets.items()}
         table["bits"][str(b)] = row
     if budgets:
-        from .mixed_report import mixed_compare_rows
 
         # the mixed search starts from the default recipe at W8A8: the 8-bit row's, when there is one
         base = Path(out_dir) / "state_default_w8a8.json" if out_dir and 8 in bits else None
@@ -183,3 +165,32 @@ def compare_methods(
 
 def _subset(errors: UtteranceErrors, rows: list[int]) -> UtteranceErrors:
     return UtteranceErrors(*(getattr(errors, k)[rows] for k in UtteranceErrors.__dataclass_fields__))
+
+
+def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, settings, state_path, resume: bool,
+                       resamples: int = 1000, seed: int = 0, score: str = "auto", base_state=None) -> dict:
+    """``stablequant compare`` rows for mixed precision: test WER per budget, with intervals vs fp32.
+
+    Every budget shares one state file: the default recipe's W8A8 run and the per-layer
+    sensitivities do not depend on the budget, so only the first budget pays for them.
+    ``base_state``: compare's own W8A8 default-recipe state file (same ``settings``), reused.
+    """
+    from .fastquant import fast_fake_quant
+    from .mixed import run_mixed
+
+    rows = {}
+    for k, budget in enumerate(budgets):
+        r = run_mixed(sm, calib, dev, float(budget), settings, state_path=state_path,
+                      resume=resume or k > 0, score=score, base_state_path=base_state)
+        with fast_fake_quant(r.model.model):
+            err = test_scorer.errors(outputs(r.model.model, test_scorer.batches))
+        counts: dict[str, int] = {}
+        for c in r.choices:
+            counts[c.format] = counts.get(c.format, 0) + 1
+        rows[str(float(budget))] = {
+            "avg_weight_bits": r.avg_weight_bits, "compression_vs_fp32": r.compression_vs_fp32,
+            "dev_wer": r.final_wer, "test_wer": err.wer, "formats": counts, "score": r.score,
+            "score_reason": r.score_reason,
+            "vs_fp32": paired_bootstrap(err.word_edits, fp32_errors.word_edits, err.words, resamples, seed),
+            "seconds": sum(r.seconds.values())}
+    return rows

@@ -10,25 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .utterance import Utterance
+
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".flac", ".wav")
-
-
-@dataclass(frozen=True)
-class Utterance:
-    id: str
-    path: Path  # the audio file, or "ARROW_FILE#ROW" for audio stored in a table
-    text: str
-    audio: object = field(default=None, compare=False, repr=False)  # in-table audio: has read()
-    where: str = field(default="", compare=False)  # "file:line" of the transcript, for messages
 
 
 @dataclass

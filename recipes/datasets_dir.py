@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .utterance import Utterance
+
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text")
 AUDIO_COLUMNS = ("audio", "speech", "file", "path")
 ID_COLUMNS = ("id", "utt_id", "key", "segment_id")
@@ -79,8 +81,6 @@ class TableAudio:
 def read_datasets_dir(directory: str | Path) -> list:
     """The utterances of one saved ``datasets`` split (ids from an id column, else the row number)."""
     import pyarrow as pa
-
-    from .data import Utterance
 
     directory = Path(directory)
     if (directory / "dataset_dict.json").is_file():

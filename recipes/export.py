@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from torch import nn
 from torch.onnx import symbolic_helper
 
 from recipes.atomic import atomic_output
+from recipes.onnx_graph import ExportError, attr, constant_values, consumer_index, graph_index, prune_unused, replace_nodes  # noqa: F401 (re-exported)
 from recipes.int4_export import block_qdq, lower_block_weights, pack_int4_weights, weight_block_spec
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ E4M3_MAX = 448.0  # FP8 E4M3's largest finite value
 MIN_OPSET = 17
 FP8_OPSET = 19  # float8 QuantizeLinear/DequantizeLinear
 META_PREFIX = "sq."
-
-
-class ExportError(ValueError):
-    """The model cannot be exported as asked (the message names the quantizer or the reason)."""
 
 
 # ----------------------------------------------------------------------------- quantizer specs
@@ -262,45 +259,6 @@ def e4m3_initializer(raw: np.ndarray, name: str) -> onnx.TensorProto:
     return tensor
 
 
-def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Every constant tensor of the graph by name: initialisers and Constant-node outputs."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    for node in graph.node:  # the exporter shares equal initialisers through Identity nodes
-        if node.op_type == "Identity" and node.input[0] in values:
-            values[node.output[0]] = values[node.input[0]]
-    return values
-
-
-def graph_index(graph: onnx.GraphProto) -> tuple[dict, dict, dict]:
-    """(constant values, producer node by output name, consumer nodes by input name)."""
-    producers = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for inp in n.input:
-            consumers.setdefault(inp, []).append(n)
-    return constant_values(graph), producers, consumers
-
-
-def replace_nodes(graph: onnx.GraphProto, dead: set[int], new_inits: list) -> None:
-    """Drop the nodes whose id() is in ``dead`` and add the new initialisers."""
-    kept = [n for n in graph.node if id(n) not in dead]
-    del graph.node[:]
-    graph.node.extend(kept)
-    graph.initializer.extend(new_inits)
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _fold_constant_clip(name: str, producers, consts) -> tuple[np.ndarray, list] | None:
     """Value of `name` if it is a constant, possibly through our Min/Max clip; plus those nodes."""
     if name in consts:
@@ -338,7 +296,7 @@ def fold_weight_quantizers(model_proto: onnx.ModelProto, levels: dict[str, tuple
         if not users or any(u.op_type != "DequantizeLinear" for u in users):
             raise ExportError(f"{node.name}: weight QuantizeLinear not followed by DequantizeLinear")
         scale = consts[node.input[1]]
-        axis = _attr(node, "axis", 1) if scale.ndim == 1 else None
+        axis = attr(node, "axis", 1) if scale.ndim == 1 else None
         base = node.input[0] if node.input[0] in consts else clip_nodes[0].input[0]
         zero = consts.get(node.input[2]) if len(node.input) > 2 else None
         fp8 = zero is not None and zero.dtype.name == "float8_e4m3fn"
@@ -382,10 +340,7 @@ def absorb_weight_transposes(model_proto: onnx.ModelProto) -> int:
     """
     graph = model_proto.graph
     inits = {init.name: init for init in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for inp in n.input:
-            consumers.setdefault(inp, []).append(n)
+    consumers = consumer_index(graph)
     dead, absorbed = set(), 0
     for dq in graph.node:
         if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
@@ -393,7 +348,7 @@ def absorb_weight_transposes(model_proto: onnx.ModelProto) -> int:
         users = consumers.get(dq.output[0], [])
         weight = inits[dq.input[0]]
         if len(users) != 1 or users[0].op_type != "Transpose" or len(weight.dims) != 2 or \
-                list(_attr(users[0], "perm", [1, 0])) != [1, 0] or \
+                list(attr(users[0], "perm", [1, 0])) != [1, 0] or \
                 len(consumers.get(dq.input[0], [])) != 1:
             continue
         transpose = users[0]
@@ -417,20 +372,6 @@ def absorb_weight_transposes(model_proto: onnx.ModelProto) -> int:
     return absorbed
 
 
-def prune_unused(graph: onnx.GraphProto) -> None:
-    """Drop initialisers and Constant nodes nothing reads any more (the fp32 weights)."""
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead_consts = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
-        if not dead_consts:
-            break
-        for n in dead_consts:
-            graph.node.remove(n)
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
 # ----------------------------------------------------------------------------- export
 
 
@@ -441,9 +382,9 @@ def _speech_metadata(speech, net: nn.Module, family) -> dict[str, str]:
               "sampling_rate": "sampling_rate", "do_normalize": "do_normalize",
               "return_attention_mask": "return_attention_mask", "arch": "arch", "name": "model_name"}
     meta = {}
-    for attr, key in fields.items():
-        if speech is not None and hasattr(speech, attr):
-            meta[key] = getattr(speech, attr)
+    for field, key in fields.items():
+        if speech is not None and hasattr(speech, field):
+            meta[key] = getattr(speech, field)
     geometry = family.conv_geometry(net)
     meta["conv_kernel"], meta["conv_stride"] = [k for k, _ in geometry], [s for _, s in geometry]
     return {META_PREFIX + k: json.dumps(v) for k, v in meta.items()}
@@ -469,7 +410,7 @@ def _dequantized_weight(name: str, producers, consts) -> np.ndarray | None:
     w, scale = consts[dq.input[0]].astype(np.float32), consts[dq.input[1]].astype(np.float32)
     if scale.ndim == 1:
         shape = [1] * w.ndim
-        shape[_attr(dq, "axis", 1)] = scale.size
+        shape[attr(dq, "axis", 1)] = scale.size
         scale = scale.reshape(shape)
     return w * scale
 
@@ -498,7 +439,7 @@ def fold_input_shifts(model_proto: onnx.ModelProto) -> int:
         plans = []
         for user in users:
             plan = None
-            if user.op_type == "Conv" and user.input[0] == add.output[0] and not any(_attr(user, "pads", [0])):
+            if user.op_type == "Conv" and user.input[0] == add.output[0] and not any(attr(user, "pads", [0])):
                 w = _dequantized_weight(user.input[1], producers, consts)
                 if w is not None and (len(user.input) < 3 or user.input[2] in consts):
                     bias = consts[user.input[2]] if len(user.input) > 2 and user.input[2] else np.zeros(w.shape[0], np.float32)

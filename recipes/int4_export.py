@@ -27,6 +27,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.onnx import symbolic_helper
 
+from recipes.onnx_graph import ExportError, attr, consumer_index, graph_index, prune_unused
+
 log = logging.getLogger(__name__)
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -90,10 +92,7 @@ def pack_int4_weights(proto: onnx.ModelProto, levels: dict[str, tuple[int, int]]
         log.warning("int4 weights kept in the int8 container: the graph uses %s, whose meaning changed "
                     "before opset %d", changed, INT4_OPSET)
         return 0
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumer_index(graph)
     shapes = {init.name: tuple(init.dims) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
@@ -120,16 +119,8 @@ def pack_int4_weights(proto: onnx.ModelProto, levels: dict[str, tuple[int, int]]
     graph.initializer.extend(new_inits)
     if packed:
         _default_opset(proto).version = max(_default_opset(proto).version, INT4_OPSET)
-        _prune_constants(graph)
+        prune_unused(graph)
     return packed
-
-
-def _prune_constants(graph: onnx.GraphProto) -> None:
-    """Drop Constant nodes (the old int8 zero points) that nothing reads any more."""
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
-    for n in dead:
-        graph.node.remove(n)
 
 
 # ----------------------------------------------------------------------------- block-quantized weights
@@ -141,7 +132,6 @@ BLOCK_OP = "BlockDequantize"  # placeholder in the traced graph, replaced by low
 def weight_block_spec(model: torch.nn.Module, name: str, q) -> tuple[int, int]:
     """(axis, size) of a block quantizer that the export can write: a 4-bit weight's static blocks
     along one axis that divide it; ExportError naming the quantizer and the reason otherwise."""
-    from recipes.export import ExportError
     from sq_plugin.quantizers import is_weight_quantizer
 
     blocks = {k: v for k, v in q.block_sizes.items() if k != "type"}
@@ -217,7 +207,6 @@ def lower_block_weights(proto: onnx.ModelProto) -> int:
     MatMulNBits fusion take. Returns how many; raises ExportError when the graph cannot be raised
     to opset 21 or a placeholder is not followed by ModelOpt's reshape back to the weight shape.
     """
-    from recipes.export import ExportError, _attr, graph_index, prune_unused
 
     graph = proto.graph
     placeholders = [n for n in graph.node if n.domain == BLOCK_DOMAIN and n.op_type == BLOCK_OP]
@@ -231,7 +220,7 @@ def lower_block_weights(proto: onnx.ModelProto) -> int:
     dead, new_nodes, new_inits = set(), {}, []
     for node in placeholders:
         codes, scale = consts[node.input[0]], consts[node.input[1]]
-        axis, block = _attr(node, "axis"), _attr(node, "block_size")
+        axis, block = attr(node, "axis"), attr(node, "block_size")
         users = consumers.get(node.output[0], [])
         reshape = users[0] if len(users) == 1 else None
         if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in consts:
@@ -243,7 +232,7 @@ def lower_block_weights(proto: onnx.ModelProto) -> int:
         out, drop = reshape.output[0], [node, reshape]
         after = consumers.get(out, [])
         if len(shape) == 2 and len(after) == 1 and after[0].op_type == "Transpose" and \
-                list(_attr(after[0], "perm", [1, 0])) == [1, 0]:  # nn.Linear: store W^T, MatMul's layout
+                list(attr(after[0], "perm", [1, 0])) == [1, 0]:  # nn.Linear: store W^T, MatMul's layout
             codes, scale, axis = codes.T, scale.T, 1 - axis
             out, drop = after[0].output[0], drop + [after[0]]
         base = f"{node.name or node.output[0]}_int4"

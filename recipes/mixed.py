@@ -713,7 +713,7 @@ def run_mixed_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, budget_bit
                      score: str = "auto", variants_per_forward: int = 8) -> tuple[MixedResult, dict]:
     """:func:`run_mixed` plus the report meta: dev WERs with paired-bootstrap intervals vs fp32."""
     from .asr import UtteranceErrors
-    from .compare import intervals
+    from .asr import intervals
 
     start = time.perf_counter()
     result = run_mixed(sm, calib, dev, budget_bits, settings, state_path=state_path, resume=resume,

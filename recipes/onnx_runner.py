@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.export import constant_values, load_onnx, prune_unused, read_metadata
+from recipes.export import load_onnx, read_metadata
+from recipes.onnx_graph import constant_values, prune_unused
 
 MIN_IM2COL_DEPTH = 64  # Cin*kernel below this (the 1-channel waveform conv) gains nothing
 
@@ -168,23 +169,10 @@ def lower_qdq_conv_for_ort(proto) -> int:
     del graph.node[:]
     graph.node.extend(rebuilt)
     graph.initializer.extend(new_inits)
-    _drop_dead_nodes(graph)
-    prune_unused(graph)
+    prune_unused(graph, any_node=True)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return lowered
-
-
-def _drop_dead_nodes(graph) -> None:
-    """Remove nodes whose outputs nobody reads (the replaced DQ pairs), repeatedly."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            return
-        for n in dead:
-            graph.node.remove(n)
 
 
 AVX2_PRECISION = "session.x64quantprecision"  # ORT: exact u8s8 GEMMs on AVX2 CPUs without VNNI

@@ -92,7 +92,7 @@ def run_quantize(args) -> dict:
                         grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
     if getattr(args, "budget_bits", None) is not None:
         from .mixed import run_mixed_recipe
-        from .mixed_report import write_mixed_outputs
+        from .report import write_mixed_outputs
 
         if args.recipe != "default":
             raise ValueError("--budget-bits calibrates activations with the default recipe; drop --recipe paper")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import hookimpl
+from .hooks import hookimpl
 
 
 @hookimpl(trylast=True)

@@ -1,6 +1,6 @@
 """Model families through pluggy: built-ins plus any package in the ``sq_plugin`` entry-point group.
 
-The hook spec lives here, in the application layer, because its return type (a
+The hook spec (:mod:`.hooks`) lives in the application layer, because its return type (a
 :class:`~recipes.speech.contract.SpeechFamily`) does: ``sq_plugin`` stays free of speech models.
 It uses the same pluggy project name and entry-point group as ``sq_plugin``'s calibrator hook, so
 one plugin module (one ``hookimpl`` marker, one entry point) can add calibrators and families.
@@ -15,18 +15,7 @@ import pluggy
 from torch import nn
 
 from .contract import SpeechFamily, SpeechModel
-
-PROJECT = "sq_plugin"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
-
-class SpeechFamilySpec:
-    @hookspec
-    def sq_speech_model_families(self) -> list[SpeechFamily]:
-        """Return SpeechFamily instances. Families are asked in registration order, built-ins
-        last, so a plugin can claim a module or path before the built-in that would."""
-
+from .hooks import PROJECT, SpeechFamilySpec, hookimpl  # noqa: F401  (hookimpl: re-exported)
 
 _manager: pluggy.PluginManager | None = None
 

@@ -1,10 +1,11 @@
-"""report.json / report.md / pareto.png of a mixed-precision run (``quantize --budget-bits``)."""
+"""report.json / report.md / pareto.png of a mixed-precision run (``quantize --budget-bits``), and
+the mixed rows of the compare table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .report import REAPPLY, _save_figure, ci_text, markdown_table, short_layer, write_outputs
+from .common import REAPPLY, ci_text, markdown_table, save_figure, short_layer, write_outputs
 
 
 def mixed_markdown(result, meta: dict) -> str:
@@ -85,7 +86,6 @@ def mixed_markdown(result, meta: dict) -> str:
         "",
     ])
 
-
 def plot_pareto(result, path: Path) -> None:
     """Average weight bits vs dev WER: the mixed allocations and the uniform formats."""
     import matplotlib
@@ -107,43 +107,11 @@ def plot_pareto(result, path: Path) -> None:
     ax.set_ylabel("dev WER %")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
-
 
 def write_mixed_outputs(out_dir: Path, result, meta: dict) -> str:
     return write_outputs(out_dir, result, meta, mixed_markdown(result, meta), [(plot_pareto, "pareto.png")])
-
-
-def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, settings, state_path, resume: bool,
-                       resamples: int = 1000, seed: int = 0, score: str = "auto", base_state=None) -> dict:
-    """``stablequant compare`` rows for mixed precision: test WER per budget, with intervals vs fp32.
-
-    Every budget shares one state file: the default recipe's W8A8 run and the per-layer
-    sensitivities do not depend on the budget, so only the first budget pays for them.
-    ``base_state``: compare's own W8A8 default-recipe state file (same ``settings``), reused.
-    """
-    from .asr import paired_bootstrap
-    from .compare import outputs
-    from .fastquant import fast_fake_quant
-    from .mixed import run_mixed
-    rows = {}
-    for k, budget in enumerate(budgets):
-        r = run_mixed(sm, calib, dev, float(budget), settings, state_path=state_path,
-                      resume=resume or k > 0, score=score, base_state_path=base_state)
-        with fast_fake_quant(r.model.model):
-            err = test_scorer.errors(outputs(r.model.model, test_scorer.batches))
-        counts: dict[str, int] = {}
-        for c in r.choices:
-            counts[c.format] = counts.get(c.format, 0) + 1
-        rows[str(float(budget))] = {
-            "avg_weight_bits": r.avg_weight_bits, "compression_vs_fp32": r.compression_vs_fp32,
-            "dev_wer": r.final_wer, "test_wer": err.wer, "formats": counts, "score": r.score,
-            "score_reason": r.score_reason,
-            "vs_fp32": paired_bootstrap(err.word_edits, fp32_errors.word_edits, err.words, resamples, seed),
-            "seconds": sum(r.seconds.values())}
-    return rows
-
 
 def mixed_compare_markdown(table: dict) -> str:
     rows = [[f"mixed, budget {b}", r.get("score", "kl"), f"{r['avg_weight_bits']:.2f}",
