@@ -63,7 +63,7 @@ def init_ranks(device: torch.device) -> Ranks:
 
     ranks = ranks_from_env()
     if ranks.world > 1 and not dist.is_initialized():
-        # ModelOpt warns once per quantized module class that no tensor-parallel state is set; the
+        # Workaround: ModelOpt warns once per quantized module class that no tensor-parallel state is set; the
         # ranks here replicate the model and shard only the dev set. Remove when ModelOpt lets a
         # caller state that (its quant_module.py:82 warning, 0.47).
         warnings.filterwarnings("ignore", message="Distributed training is initialized but no parallel_state")

@@ -213,7 +213,7 @@ def allocate(scores: Sequence[dict[str, float]], sizes: Sequence[int],
             prob += x[l, fixed[l]] == 1
     prob += pulp.lpSum(sizes[l] * round(bits[l][f] * den) * v for (l, f), v in x.items()) <= capacity
     with warnings.catch_warnings():
-        # PuLP 3.3 deprecates its bundled CBC for PuLP 4's `pulp[cbc]` + COIN_CMD; ModelOpt 0.47
+        # Workaround: PuLP 3.3 deprecates its bundled CBC for PuLP 4's `pulp[cbc]` + COIN_CMD; ModelOpt 0.47
         # pins plain pulp, so the bundled one is what exists. Remove when pulp >= 4 is required.
         warnings.simplefilter("ignore", DeprecationWarning)
         status = prob.solve(pulp.PULP_CBC_CMD(msg=False))

@@ -137,7 +137,7 @@ def load_config(path: str | Path) -> dict:
 def config_from_json(config: dict) -> dict:
     """A config read from JSON, with the integer axes of every ``block_sizes`` restored.
 
-    WORKAROUND: JSON object keys are strings, and ModelOpt 0.47's ``QuantizerAttributeConfig``
+    Workaround: JSON object keys are strings, and ModelOpt 0.47's ``QuantizerAttributeConfig``
     refuses ``{"-1": 128}`` (it wants ``{-1: 128}``), so a saved block-format config would not
     re-apply. Remove when ModelOpt coerces numeric string keys itself.
     """

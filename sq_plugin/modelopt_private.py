@@ -2,9 +2,10 @@
 patches of ModelOpt this plugin applies, in one module (``tests/test_layering.py`` greps for any
 other use), so a ModelOpt release that renames them breaks here and nowhere else.
 
-ModelOpt 0.47 has no public getter or setter for these. Public properties (``amax``, ``num_bits``,
-``unsigned``, ``axis``, ``is_enabled``, ``disable_calib()``...) are used wherever they exist.
-Workaround: remove each accessor when ModelOpt offers a public one.
+Public properties (``amax``, ``num_bits``, ``unsigned``, ``axis``, ``is_enabled``,
+``disable_calib()``...) are used wherever they exist.
+Workaround: ModelOpt 0.47 has no public getter or setter for the attributes below.
+Remove when ModelOpt offers a public one (accessor by accessor).
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ def tuple_calibrators_get_quantizer_bits() -> bool:
 def sync_calibrator_attributes() -> None:
     """Make a quantizer's ``num_bits``/``unsigned``/``axis`` reach our calibrators.
 
-    WORKAROUND for ModelOpt <= 0.47 (see :func:`tuple_calibrators_get_quantizer_bits`); applied only
-    while the probe shows it is needed, so it switches itself off on a ModelOpt that passes the
-    settings. Drop it (and the probe) once the oldest supported ModelOpt does. The "stablequant"
+    Workaround: ModelOpt <= 0.47 does not (see :func:`tuple_calibrators_get_quantizer_bits`); applied
+    only while the probe shows it is needed, so it switches itself off on a ModelOpt that passes the
+    settings. Remove when the oldest supported ModelOpt passes them (the probe too). The "stablequant"
     algorithm does not rely on it: it sets bits where it installs calibrators. The patch covers
     our calibrators used with ModelOpt's own algorithms (``"max"``), where no code of ours runs.
     """
@@ -131,8 +132,9 @@ def allow_in_auto_quantize(method: str) -> None:
     no public way to register one, and refuses the rest before any work. StableQuant qualifies
     as those do: per recipe, auto_quantize runs ``calibrate(model, algorithm, forward_loop)``
     with that recipe's quantizers enabled and stores their state; ours only sets amax (no
-    weights change). Workaround: remove when ModelOpt offers a registration hook for
-    auto_quantize algorithms (or drops the allow-list).
+    weights change).
+    Workaround: the allow-list has no public way in. Remove when ModelOpt offers a registration
+    hook for auto_quantize algorithms (or drops the allow-list).
     """
     from modelopt.torch.quantization import model_quant
 

@@ -130,3 +130,19 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles_between_files():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check works
     assert _cycles(_import_graph()) == []
+
+
+def test_every_workaround_is_labelled_one_way_with_its_removal_condition():
+    """``Workaround:`` then ``Remove when ...`` within a few lines: one spelling to grep for."""
+    odd = re.compile(r"WORKAROUND|work[- ]around(?!s? (?:there|in))", re.I)
+    offenders, found = [], 0
+    for path in [*_sources(), ROOT / "sq.sh"]:
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            if "Workaround:" in line:
+                found += 1
+                if not any("Remove when" in later for later in lines[number - 1:number + 6]):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: no 'Remove when' after it")
+            elif odd.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: spell it 'Workaround:' ({line.strip()})")
+    assert found >= 5 and not offenders, "\n".join(offenders)

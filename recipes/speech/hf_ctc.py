@@ -397,7 +397,7 @@ def _no_mask_when_unmasked(model):
     """Make `create_bidirectional_mask(attention_mask=None)` return None in the model's modules.
 
     Workaround: transformers 5 materialises the all-valid mask whenever it is traced
-    (masking_utils skips it only outside tracing); remove when it skips it while tracing too.
+    (masking_utils skips it only outside tracing). Remove when it skips it while tracing too.
     Eager attention adds no mask when given None, so the logits are unchanged.
     """
     import sys
