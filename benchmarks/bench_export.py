@@ -6,7 +6,7 @@ its test split as a sanity check), and (b) a random-weight wav2vec2-base-shaped 
 calibration) on a few random-audio batches: speed is measured there, not accuracy. Both files of a model are timed in the same process with the same session
 options, warmed up, runs interleaved (so background load hits both alike), median reported.
 Peak memory is the RSS increase of a fresh child process that loads the file and runs it once.
-Sessions come from recipes.onnx_runner.make_session, as `stablequant eval --onnx` runs them
+Sessions come from recipes.export.onnx_runner.make_session, as `stablequant eval --onnx` runs them
 (int8 convs lowered to ORT's integer GEMM in memory; the fp32 file is untouched).
 
     python benchmarks/bench_export.py [--runs 10] [--seconds 10] [--threads 1] [--skip-demo]
@@ -42,7 +42,7 @@ import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[5])
 from bench_export import session_options
-from recipes.onnx_runner import make_session
+from recipes.export.onnx_runner import make_session
 
 def status_kib(field):
     for line in open("/proc/self/status"):
@@ -84,7 +84,7 @@ def peak_memory(path: Path, samples: int, threads: int, level: str) -> dict:
 def time_sessions(paths: dict[str, Path], samples: int, runs: int, warmup: int, threads: int,
                   level: str) -> dict[str, dict]:
     """Median/min latency per file; runs interleaved so both see the same machine load."""
-    from recipes.onnx_runner import make_session
+    from recipes.export.onnx_runner import make_session
 
     x = np.random.default_rng(0).standard_normal((1, samples)).astype(np.float32)
     sessions = {k: make_session(p, session_options=session_options(threads, level))
@@ -106,7 +106,7 @@ def op_profile(path: Path, samples: int, threads: int, level: str, runs: int = 3
     """Kernel ms per run by op type (ORT's profiler, first run dropped), largest first."""
     import collections
 
-    from recipes.onnx_runner import make_session
+    from recipes.export.onnx_runner import make_session
 
     opts = session_options(threads, level)
     opts.enable_profiling = True
@@ -154,7 +154,7 @@ def quantize_int8(sm, calib: list, attention_bmm: bool = False):
     import torch
 
     import modelopt.torch.quantization as mtq
-    from recipes.models import remove_weight_norm
+    from recipes.speech.models import remove_weight_norm
 
     remove_weight_norm(sm.model)
 
@@ -170,7 +170,7 @@ def quantize_int8(sm, calib: list, attention_bmm: bool = False):
 def export_pair(make_model, calib: list, workdir: Path, tag: str, attention_bmm: bool = False):
     """fp32 and int8 Q/DQ exports of the same weights, plus the torch fake-quant model; with
     ``attention_bmm`` a third file whose attention BMM inputs are quantized too."""
-    from recipes.export import export_onnx
+    from recipes.export.onnx import export_onnx
 
     paths = {"fp32": workdir / f"{tag}_fp32.onnx", "int8": workdir / f"{tag}_int8.onnx"}
     export_onnx(make_model(), paths["fp32"], allow_fp32=True)
@@ -207,9 +207,9 @@ def bench_model(tag: str, make_model, calib: list, args, workdir: Path, wer_data
         row["latency_ratio_attention_bmm"] = (latency["fp32"]["median_ms"]
                                               / latency["int8_attention_bmm"]["median_ms"])
     if wer_data is not None:
-        from recipes.onnx_runner import run_eval_onnx
+        from recipes.export.onnx_runner import run_eval_onnx
 
-        from recipes.asr import evaluate
+        from recipes.evaluation.asr import evaluate
 
         row["wer"] = {k: run_eval_onnx(p, wer_data, progress=False, print_table=False)["wer"]
                       for k, p in paths.items()}
@@ -226,8 +226,8 @@ def demo_inputs(model: str, limit: int):
 
     Real audio matters here: the WER columns compare the two files on the model's own task.
     """
-    from recipes.data import make_batches, open_dataset
-    from recipes.models import resolve_model
+    from recipes.data.readers import make_batches, open_dataset
+    from recipes.speech.models import resolve_model
 
     try:
         sm = resolve_model(model)
@@ -306,8 +306,8 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     import torch
 
-    from recipes.atomic import write_json_atomic
-    from recipes.models import random_model
+    from recipes.runtime.atomic import write_json_atomic
+    from recipes.speech.models import random_model
 
     torch.set_num_threads(args.threads)
     rows, notes = [], []

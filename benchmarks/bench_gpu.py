@@ -42,9 +42,9 @@ def workload(shape: str, dev_n: int, calib_n: int, device, seed: int = 0):
     import numpy as np
 
     from recipes.api import as_batches
-    from recipes.data import make_batches, open_dataset
-    from recipes.device import batches_to, to_device
-    from recipes.models import random_model, remove_weight_norm, resolve_model
+    from recipes.data.readers import make_batches, open_dataset
+    from recipes.runtime.device import batches_to, to_device
+    from recipes.speech.models import random_model, remove_weight_norm, resolve_model
     from recipes.workflows import demo_split
 
     if shape == "demo":
@@ -78,8 +78,8 @@ def calibration_times(sm, calib, device, repeats: int) -> dict:
     ModelOpt MAX; our histograms collected (amax = their max: the collection cost); the recipe's
     whole calibration (histograms + StableQuant/MSE search for every activation quantizer)."""
     import sq_plugin
-    from recipes.qconfig import quant_cfg, quantize_copy
-    from recipes.stablequant import Settings, base_config
+    from recipes.search.qconfig import quant_cfg, quantize_copy
+    from recipes.search.stablequant import Settings, base_config
 
     collect = quant_cfg(8, 8)
     collect[2] = {"quantizer_name": "*input_quantizer",
@@ -105,7 +105,7 @@ def calibration_times(sm, calib, device, repeats: int) -> dict:
 def cpu_seconds_per_phase():
     """Also record the CPU seconds of each recipe phase (robust to other jobs on a shared
     machine when torch runs one thread): yields the dict the phases land in."""
-    from recipes import stablequant
+    from recipes.search import stablequant
 
     cpu_seconds: dict[str, float] = {}
 
@@ -131,8 +131,8 @@ def _suffix_forwards(result, dev, device) -> tuple[float, float]:
     import torch
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from recipes.asr import forward_logits
-    from recipes.reuse import PrefixRunner
+    from recipes.evaluation.asr import forward_logits
+    from recipes.search.reuse import PrefixRunner
 
     model = result.model.model
     for module in model.modules():  # float: every quantizer off
@@ -158,7 +158,7 @@ def stage1_vs_suffix_forwards(sm, calib, dev, device, repeats: int) -> dict:
     alternated ``repeats`` times, best of each (wall and CPU seconds taken separately)."""
     import torch
 
-    from recipes.stablequant import Settings, run_stablequant
+    from recipes.search.stablequant import Settings, run_stablequant
 
     best = {"stage1": float("inf"), "stage1_cpu": float("inf"), "suffix": float("inf"), "suffix_cpu": float("inf")}
     peak = None
@@ -192,9 +192,9 @@ def worker(args) -> None:
     wall and CPU seconds (CPU time = the work this rank did, whatever else runs on the machine)."""
     import torch
 
-    from recipes import stablequant
-    from recipes.device import resolve_device
-    from recipes.distributed import init_ranks, ranks_from_env
+    from recipes.search import stablequant
+    from recipes.runtime.device import resolve_device
+    from recipes.runtime.distributed import init_ranks, ranks_from_env
 
     device = resolve_device(args.device, ranks_from_env().local_rank)
     ranks = init_ranks(device)
@@ -282,7 +282,7 @@ def main() -> None:
 
     import torch
 
-    from recipes.device import resolve_device
+    from recipes.runtime.device import resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -291,7 +291,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from recipes.atomic import write_json_atomic
+    from recipes.runtime.atomic import write_json_atomic
 
     shapes = args.shapes or (["hubert:large", "wav2vec2:large"] if cuda else ["demo"])
     result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",

@@ -3,7 +3,7 @@
 Two bit counts: ours charges a block format's fp16 scales (4 + 16/block bits per weight);
 ModelOpt 0.47's auto_quantize counts INT4_BLOCKWISE_WEIGHT_ONLY_CFG as num_bits = 4 (its
 ``estimate_quant_compression``), scales free. Every system is measured in both
-(:func:`recipes.mixed.model_weight_bits` reads them off the quantized model), and compared with
+(:func:`recipes.search.mixed.model_weight_bits` reads them off the quantized model), and compared with
 the other at the same count. For each budget (default 6.4 and 4):
 
 * ours, ``stablequant quantize --budget-bits B`` (``--mixed-score auto``: allocated by dev KL and
@@ -55,21 +55,21 @@ def main(argv=None) -> None:
     import torch
 
     import sq_plugin
-    from recipes.asr import forward_logits, paired_bootstrap
-    from recipes.atomic import write_json_atomic, write_text_atomic
-    from recipes.autoquant import run_auto_quantize
+    from recipes.evaluation.asr import forward_logits, paired_bootstrap
+    from recipes.runtime.atomic import write_json_atomic, write_text_atomic
+    from recipes.search.autoquant import run_auto_quantize
     from recipes.cli import main as cli
-    from recipes.data import make_batches, open_dataset
+    from recipes.data.readers import make_batches, open_dataset
     from recipes.demo import demo_data
-    from recipes.export import export_onnx
-    from recipes.fastquant import fast_fake_quant
-    from recipes.layerwise import LogitDivergence
-    from recipes.mixed import SCORES, model_weight_bits
-    from recipes.models import resolve_model
-    from recipes.onnx_runner import run_eval_onnx
-    from recipes.qconfig import load_config, quantize_copy
+    from recipes.export.onnx import export_onnx
+    from recipes.search.fastquant import fast_fake_quant
+    from recipes.search.layerwise import LogitDivergence
+    from recipes.search.mixed import SCORES, model_weight_bits
+    from recipes.speech.models import resolve_model
+    from recipes.export.onnx_runner import run_eval_onnx
+    from recipes.search.qconfig import load_config, quantize_copy
     from recipes.report import markdown_table
-    from recipes.stablequant import DevScorer
+    from recipes.search.stablequant import DevScorer
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

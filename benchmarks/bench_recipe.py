@@ -29,11 +29,11 @@ def main() -> None:
 
     import torch
 
-    from recipes.atomic import write_json_atomic
-    from recipes.data import make_batches, open_dataset
-    from recipes.models import resolve_model
-    from recipes.layerwise import run_layerwise
-    from recipes.stablequant import Settings, run_stablequant
+    from recipes.runtime.atomic import write_json_atomic
+    from recipes.data.readers import make_batches, open_dataset
+    from recipes.speech.models import resolve_model
+    from recipes.search.layerwise import run_layerwise
+    from recipes.search.stablequant import Settings, run_stablequant
     from recipes.workflows import demo_split
 
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""Python entry point: the whole recipe on a model you already hold in memory.
+"""The public Python entry point of the speech workflow: model loading, data, the calibration
+loop, quantize / compare / export. Everything a README example needs is importable from here.
 
     from recipes.api import quantize
     out = quantize(model, processor, calib="calib.tsv", dev="dev.tsv", bits=8)
@@ -20,10 +21,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import BatchList, Utterance, group_batches, make_batches, normalize_waveform, open_dataset
-from .models import SpeechModel, remove_weight_norm, resolve_model
-from .speech import wrap_speech_model
-from .stablequant import Settings
+from recipes.data.readers import BatchList, Utterance, group_batches, make_batches, normalize_waveform, open_dataset
+from recipes.demo import DEMO_MODEL_DIR, demo_data
+from recipes.evaluation.asr import evaluate, wer_cer
+from recipes.search.autoquant import run_auto_quantize
+from recipes.search.qconfig import calibration_loop, load_config, quantize_copy
+from recipes.search.stablequant import Settings
+from recipes.speech import BlockLayout, SpeechFamily, hookimpl, wrap_speech_model
+from recipes.speech.models import SpeechModel, remove_weight_norm, resolve_model
+
+__all__ = ["DEMO_MODEL_DIR", "BatchList", "BlockLayout", "Quantized", "Settings", "SpeechFamily", "SpeechModel",
+           "Utterance", "as_batches", "calibration_loop", "demo_data", "evaluate", "export_onnx", "hookimpl",
+           "load_config", "make_batches", "open_dataset", "quantize", "quantize_copy", "remove_weight_norm",
+           "resolve_model", "run_auto_quantize", "run_recipe", "speech_model", "wer_cer"]
 
 RECIPES = ("default", "paper")
 
@@ -72,10 +82,10 @@ def run_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, settings: Settin
     """Run a recipe; returns its result and the report meta (dev WERs of fp32, each uniform
     baseline and the recipe, with paired bootstrap intervals). ``variants_per_forward``: the
     default recipe's candidates scored side by side (at most 2 are useful; 1: one per forward)."""
-    from .asr import UtteranceErrors
-    from .compare import intervals, uniform_dev_errors
-    from .layerwise import run_layerwise
-    from .stablequant import DevScorer, run_stablequant
+    from recipes.evaluation.asr import UtteranceErrors
+    from recipes.compare import intervals, uniform_dev_errors
+    from recipes.search.layerwise import run_layerwise
+    from recipes.search.stablequant import DevScorer, run_stablequant
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
@@ -107,12 +117,12 @@ def quantize(model, processor=None, *, calib, dev, bits: int = 8, wbits: int | N
     ``calib``/``dev``: a data set path (LibriSpeech dir, fairseq or plain TSV) or a list of
     ``(waveform, transcript)`` pairs at the model's sampling rate. ``out_dir`` also writes the CLI's
     outputs there (report.md/json, modelopt_config.json, model.pth, plots). Extra keyword arguments
-    are :class:`recipes.stablequant.Settings` fields (gamma, grid, num_bins). ``device``:
+    are :class:`recipes.search.stablequant.Settings` fields (gamma, grid, num_bins). ``device``:
     ``auto`` (CUDA when available), ``cpu``, ``cuda[:N]`` or a torch.device; the model moves there.
     Under torchrun the search is sharded over the ranks and only rank 0 writes ``out_dir``.
     """
-    from .device import batches_to, resolve_device, to_device
-    from .distributed import init_ranks, ranks_from_env
+    from recipes.runtime.device import batches_to, resolve_device, to_device
+    from recipes.runtime.distributed import init_ranks, ranks_from_env
 
     torch.manual_seed(seed)
     dev_ = resolve_device(device, ranks_from_env().local_rank)
@@ -123,9 +133,16 @@ def quantize(model, processor=None, *, calib, dev, bits: int = 8, wbits: int | N
     result, meta = run_recipe(sm, calib_b, dev_b, s, recipe, seed=seed, progress=progress and ranks.main)
     meta.update(device=str(dev_), ranks=ranks.world)
     if out_dir is not None and ranks.main:
-        from .report import write_quantize_outputs
+        from recipes.report import write_quantize_outputs
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         write_quantize_outputs(Path(out_dir), result, meta)
     return Quantized(config=result.config, model=result.model.model, report={"meta": meta, **result.to_json()},
                      result=result)
+
+
+def export_onnx(sm: SpeechModel, path: str | Path, **kwargs) -> dict:
+    """Q/DQ ONNX of a quantized model (:func:`recipes.export.onnx.export_onnx`; ONNX loads on use)."""
+    from recipes.export.onnx import export_onnx as export
+
+    return export(sm, path, **kwargs)

@@ -16,7 +16,7 @@ DEFAULT_GRID = "0:0.5:0.01"
 
 def _grid(text: str) -> list[float]:
     """``start:stop:step`` (inclusive) or a comma list, e.g. ``0:0.5:0.01`` or ``0,0.1,0.2``."""
-    from .grid import parse_grid
+    from recipes.search.grid import parse_grid
 
     try:
         return parse_grid(text)
@@ -46,7 +46,7 @@ def _number(kind, low=None, high=None, power_of_two=False, strict_low=False):
 
 def _device(text: str) -> str:
     """``auto|cpu|cuda[:N]``; a CUDA request is checked against the devices present at parse time."""
-    from .device import check_device
+    from recipes.runtime.device import check_device
 
     try:
         return check_device(text)
@@ -80,7 +80,9 @@ DATA_HELP = {"calib": "calibration data (activation statistics)", "dev": "dev da
 
 def _add_common(p: argparse.ArgumentParser, data_args: tuple[str, ...] = ()) -> None:
     p.add_argument("--model", default="demo", help="'demo' (shipped), a Hugging Face CTC model directory, a fairseq "
-                                                   "CTC checkpoint (.pt with dict.ltr.txt beside it) or torchaudio:BUNDLE")
+                                                   "CTC checkpoint (.pt with dict.ltr.txt beside it), torchaudio:BUNDLE or a "
+                                                   "torchaudio checkpoint directory (torchaudio_config.json, labels.json, "
+                                                   "model.safetensors)")
     for name in data_args:
         p.add_argument(f"--{name}", default=None, metavar="DATA",
                        help=f"{DATA_HELP[name]}: a LibriSpeech directory, fairseq .tsv manifest, plain "
@@ -220,7 +222,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             cls = sq_plugin.calibrator_class(name)
             print(f"{name:{width}s}  {cls.__module__}.{cls.__qualname__}")
         return 0
-    from . import workflows
+    from recipes import workflows
 
     result = getattr(workflows, f"run_{args.command}")(args)
     if result is not None and args.command == "eval" and args.json:

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .asr import UtteranceErrors, forward_logits, intervals, paired_bootstrap
-from .distributed import current_ranks
-from .fastquant import fast_fake_quant
-from .models import SpeechModel, layer_inventory
-from .layerwise import BASELINE_SPECS, PERCENTILE, calibrator_amax, run_layerwise, spec_label
-from .stablequant import DevScorer, Settings, run_stablequant
+from recipes.evaluation.asr import UtteranceErrors, forward_logits, intervals, paired_bootstrap
+from recipes.runtime.distributed import current_ranks
+from recipes.search.fastquant import fast_fake_quant
+from recipes.speech.models import SpeechModel, layer_inventory
+from recipes.search.layerwise import BASELINE_SPECS, PERCENTILE, calibrator_amax, run_layerwise, spec_label
+from recipes.search.stablequant import DevScorer, Settings, run_stablequant
 
 def baseline_amax(cal, method: str) -> float:
     """One activation quantizer's amax by a baseline method, from its collected histogram."""
@@ -175,8 +175,8 @@ def mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, settin
     sensitivities do not depend on the budget, so only the first budget pays for them.
     ``base_state``: compare's own W8A8 default-recipe state file (same ``settings``), reused.
     """
-    from .fastquant import fast_fake_quant
-    from .mixed import run_mixed
+    from recipes.search.fastquant import fast_fake_quant
+    from recipes.search.mixed import run_mixed
 
     rows = {}
     for k, budget in enumerate(budgets):

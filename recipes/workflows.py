@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .atomic import require_writable
-from .data import make_batches, open_dataset
-from .device import batches_to, model_device, resolve_device, to_device
-from .distributed import Ranks, barrier, init_ranks, ranks_from_env
-from .models import SpeechModel, resolve_model
+from recipes.runtime.atomic import require_writable
+from recipes.data.readers import make_batches, open_dataset
+from recipes.runtime.device import batches_to, model_device, resolve_device, to_device
+from recipes.runtime.distributed import Ranks, barrier, init_ranks, ranks_from_env
+from recipes.speech.models import SpeechModel, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ def prepare_out_dir(out: str, overwrite: bool, resume: bool, ranks: Ranks | None
 
 
 def run_quantize(args) -> dict:
-    from .api import run_recipe
-    from .report import write_quantize_outputs
-    from .stablequant import Settings
+    from recipes.api import run_recipe
+    from recipes.report import write_quantize_outputs
+    from recipes.search.stablequant import Settings
 
     torch.manual_seed(args.seed)
     device, ranks = start_ranks(args)
@@ -91,8 +91,8 @@ def run_quantize(args) -> dict:
     settings = Settings(wbits=args.wbits or args.bits, abits=args.bits, gamma=args.gamma,
                         grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
     if getattr(args, "budget_bits", None) is not None:
-        from .mixed import run_mixed_recipe
-        from .report import write_mixed_outputs
+        from recipes.search.mixed import run_mixed_recipe
+        from recipes.report import write_mixed_outputs
 
         if args.recipe != "default":
             raise ValueError("--budget-bits calibrates activations with the default recipe; drop --recipe paper")
@@ -119,8 +119,8 @@ def run_quantize(args) -> dict:
 
 
 def run_compare(args) -> dict:
-    from .compare import compare_methods
-    from .report import write_compare_outputs
+    from recipes.compare import compare_methods
+    from recipes.report import write_compare_outputs
 
     torch.manual_seed(args.seed)
     device, ranks = start_ranks(args)
@@ -173,16 +173,16 @@ def run_eval(args) -> dict | None:
         return None
     _one_source(args, "--config", "--quantized", "--onnx")
     if args.onnx:
-        from .onnx_runner import run_eval_onnx
+        from recipes.export.onnx_runner import run_eval_onnx
 
         return run_eval_onnx(args.onnx, data=args.data, model=args.model, limit=args.limit,
                              batch_seconds=args.batch_seconds, skip_bad=args.skip_bad, seed=args.seed,
                              print_table=not args.json)
-    from .evaluate import run_eval as eval_model
+    from recipes.evaluation.evaluate import run_eval as eval_model
 
     device = resolve_device(args.device)
     if args.quantized:
-        from .qconfig import load_quantized
+        from recipes.search.qconfig import load_quantized
 
         qsm = to_device(load_quantized(resolve_model(args.model), args.quantized), device)
         return eval_model(qsm, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
@@ -190,7 +190,7 @@ def run_eval(args) -> dict | None:
     if not args.config:
         return eval_model(args.model, args.data, limit=args.limit, batch_seconds=args.batch_seconds,
                           skip_bad=args.skip_bad, seed=args.seed, print_table=not args.json, device=device)
-    from .qconfig import load_config, quantize_copy
+    from recipes.search.qconfig import load_config, quantize_copy
 
     config = load_config(args.config)
     sm = load_model(args, device)
@@ -203,8 +203,8 @@ def run_eval(args) -> dict | None:
 def run_export(args) -> dict | None:
     if not _rank0_only("export"):
         return None
-    from .export import require_tensorrt, build_trt_engine, export_onnx
-    from .qconfig import load_config, quantize_copy
+    from recipes.export.onnx import require_tensorrt, build_trt_engine, export_onnx
+    from recipes.search.qconfig import load_config, quantize_copy
 
     if args.engine:
         require_tensorrt()  # before any work: without TensorRT nothing is written
@@ -215,7 +215,7 @@ def run_export(args) -> dict | None:
     require_writable(onnx_path)
     _one_source(args, "--config", "--quantized")
     if args.quantized:
-        from .qconfig import load_quantized
+        from recipes.search.qconfig import load_quantized
 
         sm = load_quantized(sm, args.quantized)
     elif args.config:  # calibrate on --device, export from the CPU

@@ -5,6 +5,8 @@
 works, and exposes the calibrator registry (built-ins + pluggy entry-point group ``sq_plugin``).
 """
 
+from calibrators import HistogramCalibratorBase
+
 from .formats import STABLEQUANT_INT8_CFG, stablequant_format
 from .hookspecs import hookimpl
 from .algorithm import StableQuantCalibConfig, register, stablequant_calibrate
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 register()
 
 __all__ = [
+    "HistogramCalibratorBase",
     "STABLEQUANT_INT8_CFG",
     "StableQuantCalibConfig",
     "calibrator",

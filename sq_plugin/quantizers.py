@@ -63,7 +63,7 @@ def set_shift(q: TensorQuantizer, bias: torch.Tensor | float) -> None:
 
     Uses ModelOpt's static affine bias (``fake_tensor_quant(x, amax, bias)``) with our value, set
     after calibration so ModelOpt's own bias calibrator never shifts the data being collected.
-    ``recipes.export`` folds it into the consumer's bias for TensorRT.
+    ``recipes.export.onnx`` folds it into the consumer's bias for TensorRT.
     """
     q.set_from_attribute_config({"bias": {0: None, "type": "static", "method": "max_min"}})
     q.bias_value = torch.as_tensor(bias, dtype=torch.float32, device=q.amax.device).reshape(())

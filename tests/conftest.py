@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from recipes.asr import transcribe
-from recipes.data import make_batches, open_dataset
-from recipes.models import random_model, remove_weight_norm
+from recipes.evaluation.asr import transcribe
+from recipes.data.readers import make_batches, open_dataset
+from recipes.speech.models import random_model, remove_weight_norm
 
 
 def _write_set(root, name, n, rng, texts=None):

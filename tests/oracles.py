@@ -10,7 +10,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from recipes.models import random_model, remove_weight_norm
+from recipes.speech.models import random_model, remove_weight_norm
 
 SR = 16000
 

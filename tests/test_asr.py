@@ -6,8 +6,8 @@ import jiwer
 import pytest
 import torch
 
-from recipes.asr import evaluate, greedy_ctc_decode, normalize_text, wer_cer
-from recipes.data import Batch
+from recipes.evaluation.asr import evaluate, greedy_ctc_decode, normalize_text, wer_cer
+from recipes.data.readers import Batch
 
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", "A", "B", "C", "'"]
 ID = {t: i for i, t in enumerate(VOCAB)}
@@ -139,8 +139,8 @@ def test_run_eval_end_to_end(tmp_path, capsys):
     import numpy as np
     import soundfile as sf
 
-    from recipes.evaluate import run_eval
-    from recipes.models import random_model, save_model
+    from recipes.evaluation.evaluate import run_eval
+    from recipes.speech.models import random_model, save_model
 
     save_model(random_model("tiny", "wav2vec2"), tmp_path / "model")
     rng = np.random.default_rng(0)
@@ -154,15 +154,15 @@ def test_run_eval_end_to_end(tmp_path, capsys):
 
 
 def test_run_eval_needs_data_for_non_demo_model(tmp_path):
-    from recipes.evaluate import load_eval_data
+    from recipes.evaluation.evaluate import load_eval_data
 
     with pytest.raises(ValueError, match="--data"):
         load_eval_data(str(tmp_path), None)
 
 
 def test_run_eval_accepts_speech_model_and_demo_source(tmp_path, monkeypatch):
-    import recipes.evaluate as ev
-    from recipes.models import random_model
+    import recipes.evaluation.evaluate as ev
+    from recipes.speech.models import random_model
 
     sm = random_model("tiny")
     with pytest.raises(ValueError, match="--data"):
@@ -173,7 +173,7 @@ def test_run_eval_accepts_speech_model_and_demo_source(tmp_path, monkeypatch):
 
 
 def test_utterance_errors_hand_counted():
-    from recipes.asr import utterance_errors
+    from recipes.evaluation.asr import utterance_errors
 
     e = utterance_errors(["a b c", "d e", ""], ["a x c d", "e", "f g"])
     # words: sub b->x + ins d | del d | 2 insertions (empty reference)
@@ -185,7 +185,7 @@ def test_utterance_errors_hand_counted():
 
 
 def test_paired_bootstrap_two_utterances_enumerated():
-    from recipes.asr import paired_bootstrap
+    from recipes.evaluation.asr import paired_bootstrap
 
     # Resamples of 2 utterances: (0,0) diff 100, (0,1)/(1,0) 50, (1,1) 0, with prob 1/4, 1/2, 1/4:
     # the 2.5 % / 97.5 % percentiles are exactly 0 and 100; the point difference is 50.
@@ -196,7 +196,7 @@ def test_paired_bootstrap_two_utterances_enumerated():
 
 
 def test_paired_bootstrap_constant_difference_is_significant():
-    from recipes.asr import paired_bootstrap
+    from recipes.evaluation.asr import paired_bootstrap
 
     # every utterance: a has one more error per 2 words than b -> every resample differs by 50
     ci = paired_bootstrap([2, 1, 3], [1, 0, 2], [2, 2, 2], resamples=1000)
@@ -207,7 +207,7 @@ def test_paired_bootstrap_constant_difference_is_significant():
 
 @pytest.mark.parametrize("args", [([1], [1, 2], [1, 1]), ([], [], []), ([0, 0], [0, 0], [0, 0])])
 def test_paired_bootstrap_bad_input(args):
-    from recipes.asr import paired_bootstrap
+    from recipes.evaluation.asr import paired_bootstrap
 
     with pytest.raises(ValueError):
         paired_bootstrap(*args)

@@ -18,13 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sq_plugin  # noqa: F401
 from calibrators import per_block_mse_amax, weight_block, weight_blocks
-from recipes.asr import forward_logits
-from recipes.fastquant import eligible, fake_quant_blocks, fast_fake_quant
-from recipes.layerwise import LogitDivergence
-from recipes.mixed import MENU, model_weight_bits, run_mixed
-from recipes.models import random_model, remove_weight_norm
-from recipes.qconfig import calibration_loop, config_from_json, load_config
-from recipes.stablequant import DevScorer, Settings
+from recipes.evaluation.asr import forward_logits
+from recipes.search.fastquant import eligible, fake_quant_blocks, fast_fake_quant
+from recipes.search.layerwise import LogitDivergence
+from recipes.search.mixed import MENU, model_weight_bits, run_mixed
+from recipes.speech.models import random_model, remove_weight_norm
+from recipes.search.qconfig import calibration_loop, config_from_json, load_config
+from recipes.search.stablequant import DevScorer, Settings
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.config import QuantizerAttributeConfig  # noqa: E402
@@ -219,7 +219,7 @@ def test_model_weight_bits_counts_modelopt_int4_blockwise_with_its_padding():
 
 @pytest.fixture(scope="module")
 def blk(tmp_path_factory):
-    from recipes.export import export_onnx
+    from recipes.export.onnx import export_onnx
 
     sm = block_tiny(int8_ffn=True)
     info = export_onnx(sm, tmp_path_factory.mktemp("blk") / "tiny_blk.onnx")
@@ -237,7 +237,7 @@ def test_block_weights_packed_int4_dequantize_to_modelopt_fake_quant(blk):
     the integer by 7/amax, DQ multiplies it by amax/7)."""
     import onnxruntime as ort
 
-    from recipes.int4_export import int4_values
+    from recipes.export.int4 import int4_values
 
     sm, info, proto = blk
     assert info["int4_weights"] == 8 and max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 21
@@ -282,7 +282,7 @@ def test_block_onnx_runs_in_ort_like_torch(blk):
     output channel), the per-channel positional conv still is."""
     import onnxruntime as ort
 
-    from recipes.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
+    from recipes.export.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
     from oracles import activation_step, torch_logits
 
     sm, info, proto = blk
@@ -309,7 +309,7 @@ def test_block_onnx_runs_in_ort_like_torch(blk):
     ("pad", "divide"),
 ])
 def test_block_export_refuses_what_it_cannot_write(tmp_path, change, message):
-    from recipes.export import ExportError, export_onnx
+    from recipes.export.onnx import ExportError, export_onnx
 
     sm = random_model("tiny", seed=1)
     remove_weight_norm(sm.model)

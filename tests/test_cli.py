@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from recipes.models import random_model, save_model
+from recipes.speech.models import random_model, save_model
 from recipes.cli import main
 
 
@@ -166,7 +166,7 @@ def test_library_packages_never_import_the_application():
 def test_outputs_get_the_umask_mode_not_0600(tmp_path):
     import os
 
-    from recipes.atomic import write_json_atomic
+    from recipes.runtime.atomic import write_json_atomic
 
     old = os.umask(0o022)
     try:

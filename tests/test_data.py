@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from recipes.data import (
+from recipes.data.readers import (
     AudioError, detect_format, load_audio, make_batches, open_dataset, select_subset,
 )
 
@@ -144,7 +144,7 @@ def test_plain_tsv_escape_and_empty_transcript(tmp_path):
 
 def test_stereo_44k_resampled_to_16k_mono(tmp_path, caplog):
     path = write(tmp_path / "st.flac", seconds=1.0, sr=44100, channels=2)
-    with caplog.at_level(logging.WARNING, logger="recipes.data"):
+    with caplog.at_level(logging.WARNING, logger="recipes.data.readers"):
         wav = load_audio(path, SR)
     assert wav.ndim == 1 and wav.dtype == np.float32
     assert len(wav) == SR  # 44100 samples -> exactly 16000
@@ -163,7 +163,7 @@ def test_corrupt_file_named_and_skipped(tmp_path, caplog):
     utts = open_dataset(tsv)
     with pytest.raises(AudioError, match=r"bad\.flac"):
         make_batches(utts, MODEL)
-    with caplog.at_level(logging.WARNING, logger="recipes.data"):
+    with caplog.at_level(logging.WARNING, logger="recipes.data.readers"):
         batches = make_batches(utts, MODEL, skip_bad=True)
     assert batches.num_utterances == 1 and len(batches.skipped) == 1
     assert "bad.flac" in batches.skipped[0]
@@ -237,7 +237,7 @@ def test_transcripts_that_are_not_utf8_name_file_and_line(tmp_path):
 
 
 def test_audio_shorter_than_the_receptive_field_is_refused(tmp_path):
-    from recipes.models import random_model
+    from recipes.speech.models import random_model
 
     sm = random_model("tiny", seed=0)
     write(tmp_path / "short.flac", seconds=100 / SR)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from recipes.data import AudioError, detect_format, make_batches, open_dataset
+from recipes.data.readers import AudioError, detect_format, make_batches, open_dataset
 
 SR = 16000
 MODEL = SimpleNamespace(sampling_rate=SR, do_normalize=True, return_attention_mask=False)
@@ -75,7 +75,7 @@ def test_audio_feature_bytes_match_the_same_files(tmp_path, caplog):
     assert detect_format(saved) == "datasets"
     utts = open_dataset(saved)
     assert [u.id for u in utts] == ["u0", "u1", "u2", "u3"] and [u.text for u in utts] == texts
-    with caplog.at_level(logging.WARNING, logger="recipes.data"):
+    with caplog.at_level(logging.WARNING, logger="recipes.data.readers"):
         got = make_batches(utts, MODEL)
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "data-00000-of-00001.arrow#3: 2 channels, mixed down" in warned

@@ -47,7 +47,7 @@ def test_wer_does_not_depend_on_batch_seconds(tmp_path):
     """Same transcripts and WER whether utterances go one at a time or grouped (never padded).
 
     Half the set is cut to one common length so that large budgets really do batch them."""
-    from recipes.evaluate import run_eval
+    from recipes.evaluation.evaluate import run_eval
 
     tsv = demo_data("test")
     rows = [line.split("\t") for line in tsv.read_text().splitlines()][:12]

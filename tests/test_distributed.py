@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from recipes.cli import main
-from recipes.distributed import DevShard, Ranks, assign_batches, ranks_from_env
+from recipes.runtime.distributed import DevShard, Ranks, assign_batches, ranks_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,8 @@ def test_cuda_without_cuda_is_a_one_line_parse_error(capsys, command):
 
 
 def test_auto_device_and_batches_moved_once():
-    from recipes.data import Batch, BatchList
-    from recipes.device import batches_to, resolve_device
+    from recipes.data.readers import Batch, BatchList
+    from recipes.runtime.device import batches_to, resolve_device
 
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu", 0
                                                   if torch.cuda.is_available() else None)

@@ -13,11 +13,11 @@ import torch
 from onnx import numpy_helper
 
 import modelopt.torch.quantization as mtq
-from recipes import export
-from recipes.export import ExportError, build_trt_engine, export_onnx, quantize_like_ort, read_metadata
-from recipes.models import random_model, remove_weight_norm
+from recipes.export import onnx as export
+from recipes.export.onnx import ExportError, build_trt_engine, export_onnx, quantize_like_ort, read_metadata
+from recipes.speech.models import random_model, remove_weight_norm
 from oracles import SR, activation_step, dq_nodes, enabled_quantizers, quantized_tiny, quantizer_of, torch_logits
-from recipes.onnx_runner import OnnxCTCModel, cpu_session_options, lower_qdq_conv_for_ort, run_eval_onnx
+from recipes.export.onnx_runner import OnnxCTCModel, cpu_session_options, lower_qdq_conv_for_ort, run_eval_onnx
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -237,7 +237,7 @@ def test_runner_int8_matmul_is_exact_at_full_range(tmp_path):
     int16 and saturates here (32767 per pair instead of 2 * 255 * 127), which the runner turns off."""
     from onnx import TensorProto, helper
 
-    from recipes.onnx_runner import make_session
+    from recipes.export.onnx_runner import make_session
 
     k = 64
     w = np.full((k, 8), 127, np.int8)
@@ -406,8 +406,8 @@ def test_build_trt_engine_says_what_is_missing(int8, tmp_path):
 
 
 def test_onnx_model_plugs_into_evaluate(int8):
-    from recipes.asr import evaluate
-    from recipes.data import Batch
+    from recipes.evaluation.asr import evaluate
+    from recipes.data.readers import Batch
 
     sm, path, _ = int8
     gen = torch.Generator().manual_seed(1)
@@ -433,7 +433,7 @@ def test_onnx_model_plugs_into_evaluate(int8):
 def test_equalized_cnn_exports_faithfully(tmp_path):
     """Per-channel equalisation (pre_quant_scale + scaled weights) keeps the float model's output
     and survives export: ONNX Runtime matches the torch fake-quant model."""
-    from recipes.qconfig import CNN_EQUALIZE, stablequant_config
+    from recipes.search.qconfig import CNN_EQUALIZE, stablequant_config
 
     import sq_plugin  # noqa: F401
 
@@ -464,7 +464,7 @@ def test_shifted_ranges_export_faithfully(tmp_path):
     """One-sided (shifted) activation ranges: Sub -> Q -> DQ -> Add in ONNX, and ONNX Runtime
     matches the torch fake-quant model."""
     import sq_plugin  # noqa: F401
-    from recipes.qconfig import quant_cfg
+    from recipes.search.qconfig import quant_cfg
 
     sm = random_model("tiny", seed=6)
     remove_weight_norm(sm.model)

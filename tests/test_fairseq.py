@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from recipes.models import random_config, resolve_model
+from recipes.speech.models import random_config, resolve_model
 from recipes.speech import family_of
 from recipes.speech.fairseq_ctc import conv_layers_spec, load_fairseq_ctc
 
@@ -167,7 +167,7 @@ def test_cli_evaluates_a_fairseq_checkpoint_like_its_hf_twin(tmp_path, capsys):
     import soundfile as sf
 
     from recipes.cli import main
-    from recipes.models import random_model, save_model
+    from recipes.speech.models import random_model, save_model
 
     hf = random_model("tiny", seed=3)
     save_model(hf, tmp_path / "hf")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from recipes import export
-from recipes.export import export_onnx, read_metadata
-from recipes.int4_export import int4_tensor, int4_values, pack_int4, unpack_int4
-from recipes.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
+from recipes.export import onnx as export
+from recipes.export.onnx import export_onnx, read_metadata
+from recipes.export.int4 import int4_tensor, int4_values, pack_int4, unpack_int4
+from recipes.export.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
 
 from oracles import activation_step, dq_nodes, quantized_tiny, quantizer_of, torch_logits
 
@@ -102,7 +102,7 @@ def test_w4_onnx_runs_in_ort_like_torch_and_is_smaller(w4):
 
 
 def test_graph_with_changed_ops_keeps_int8_container():
-    from recipes.int4_export import pack_int4_weights
+    from recipes.export.int4 import pack_int4_weights
 
     w = numpy_helper.from_array(np.zeros((2, 2), np.int8), "w")
     nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=1),

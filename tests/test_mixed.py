@@ -13,12 +13,12 @@ import torch
 
 import sq_plugin  # noqa: F401
 from calibrators import weight_block
-from recipes.asr import decode_logits, forward_logits
-from recipes.layerwise import LogitDivergence
-from recipes.mixed import MENU, allocate, average_bits, choose_score, run_mixed
-from recipes.models import remove_weight_norm
-from recipes.qconfig import calibration_loop
-from recipes.stablequant import DevScorer, Settings
+from recipes.evaluation.asr import decode_logits, forward_logits
+from recipes.search.layerwise import LogitDivergence
+from recipes.search.mixed import MENU, allocate, average_bits, choose_score, run_mixed
+from recipes.speech.models import remove_weight_norm
+from recipes.search.qconfig import calibration_loop
+from recipes.search.stablequant import DevScorer, Settings
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
@@ -138,9 +138,9 @@ def test_fp8_format_round_trips_through_a_fresh_quantize(setup, tmp_path):
     max ranges. Oracle: the config through JSON, re-applied by a fresh mtq.quantize (ModelOpt's own
     max calibration and E4M3 fake quant), gives the same amaxes, dev KL and WER; the ONNX export
     carries float8 weights and ONNX Runtime scores it."""
-    from recipes.export import export_onnx
-    from recipes.mixed import model_weight_bits
-    from recipes.qconfig import config_from_json
+    from recipes.export.onnx import export_onnx
+    from recipes.search.mixed import model_weight_bits
+    from recipes.search.qconfig import config_from_json
 
     sm, calib, dev = setup
     result = run_mixed(sm, calib, dev, 8.0, Settings(num_bins=256), progress=False, pareto_budgets=(),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from recipes.models import (
+from recipes.speech.models import (
     CHAR_VOCAB, layer_inventory, load_ctc_model, random_model, remove_weight_norm, resolve_model,
     save_model,
 )
@@ -58,7 +58,7 @@ def test_folded_weight_norm_is_the_float64_formula_for_any_thread_count(form):
     """The folded weight is g * v / |v| (norm over every axis but dim 2) in float64, rounded once:
     bit for bit the same under 1 and 2 threads, so a run's model fingerprint (and --resume) does
     not depend on OMP_NUM_THREADS."""
-    from recipes.stablequant import model_fingerprint
+    from recipes.search.stablequant import model_fingerprint
 
     def folded(threads):
         torch.manual_seed(0)
@@ -272,8 +272,8 @@ def test_save_pretrained_directory_transcribes_like_a_plain_transformers_script(
     import soundfile as sf
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
-    from recipes.asr import transcribe
-    from recipes.data import make_batches, open_dataset
+    from recipes.evaluation.asr import transcribe
+    from recipes.data.readers import make_batches, open_dataset
     from recipes.demo import DEMO_MODEL_DIR, demo_data
 
     model = Wav2Vec2ForCTC.from_pretrained(DEMO_MODEL_DIR).eval()

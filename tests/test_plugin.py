@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import sq_plugin
 from calibrators import StableQuantCalibrator, stablequant_amax
-from recipes.models import random_model, remove_weight_norm
+from recipes.speech.models import random_model, remove_weight_norm
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 mto = pytest.importorskip("modelopt.torch.opt")

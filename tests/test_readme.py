@@ -1,4 +1,4 @@
-"""The README's ModelOpt snippet runs as written on the shipped demo model."""
+"""The README's and docs/' snippets run as written on the shipped demo model."""
 
 import re
 import textwrap
@@ -8,10 +8,16 @@ import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = sorted((README.parent / "docs").glob("*.md"))
+
+
+def _all_text() -> str:
+    """README then every docs/ page: where the tested code blocks and command lines live."""
+    return "\n\n".join(path.read_text() for path in [README, *DOCS])
 
 
 def _python_block_after(heading: str) -> str:
-    text = README.read_text()
+    text = _all_text()
     section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -43,9 +49,9 @@ def test_python_entry_point_snippet_runs_and_its_config_reapplies():
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     from recipes.api import as_batches
-    from recipes.device import batches_to
-    from recipes.models import remove_weight_norm
-    from recipes.qconfig import calibration_loop
+    from recipes.runtime.device import batches_to
+    from recipes.speech.models import remove_weight_norm
+    from recipes.search.qconfig import calibration_loop
 
     scope: dict = {}
     exec(compile(_python_block_after("### The whole recipe from Python"), "README.md", "exec"), scope)
@@ -74,7 +80,7 @@ def test_every_stablequant_option_the_readme_names_exists():
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    text = README.read_text().replace("\\\n", " ")
+    text = _all_text().replace("\\\n", " ")
     uses = re.findall(r"stablequant (quantize|compare|eval|export|calibrators)\b([^`|\n]*)", text)
     assert len(uses) >= 10
     checked = 0
@@ -127,7 +133,7 @@ def test_model_family_snippet_loads_and_runs_a_model(monkeypatch, tmp_path):
 
     from test_speech_families import ToyCTC
 
-    from recipes.models import resolve_model
+    from recipes.speech.models import resolve_model
     from recipes.speech import family_of, layer_inventory, register_family_plugin, unregister_family_plugin
 
     class MyCTC(ToyCTC):
@@ -155,29 +161,29 @@ def test_model_family_snippet_loads_and_runs_a_model(monkeypatch, tmp_path):
 
 
 def _bash_lines(prefix: str) -> list[str]:
-    text = README.read_text().replace("\\\n", " ")
+    text = _all_text().replace("\\\n", " ")
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     return [line.strip() for b in blocks for line in b.splitlines() if line.strip().startswith(prefix)]
 
 
 def test_synth_lines_build_a_data_set_the_cli_reads(tmp_path):
-    """The README's `python -m recipes.synth` lines, run as written but with 2 utterances each."""
+    """The README's `python -m recipes.data.synth` lines, run as written but with 2 utterances each."""
     import shutil
     import subprocess
     import sys
 
-    lines = _bash_lines("python -m recipes.synth")
+    lines = _bash_lines("python -m recipes.data.synth")
     assert len(lines) == 2
     if not (shutil.which("espeak-ng") and shutil.which("sox")):
         pytest.skip("espeak-ng/sox not installed (apt-get install espeak-ng sox)")
-    from recipes.data import open_dataset
+    from recipes.data.readers import open_dataset
 
     for line in lines:
         args = line.split()[3:]
         args[args.index("--count") + 1] = "2"
         out = tmp_path / Path(args[args.index("--out") + 1]).name
         args[args.index("--out") + 1] = str(out)
-        subprocess.run([sys.executable, "-m", "recipes.synth", *args], check=True, capture_output=True,
+        subprocess.run([sys.executable, "-m", "recipes.data.synth", *args], check=True, capture_output=True,
                        cwd=README.parent)
         utterances = list(open_dataset(out / "index.tsv"))
         assert len(utterances) == 2 and all(u.text.strip() for u in utterances)
@@ -192,8 +198,8 @@ def test_trtexec_line_matches_the_exported_onnx(tmp_path):
     import modelopt.torch.quantization as mtq
     import onnx
 
-    from recipes.export import export_onnx
-    from recipes.models import random_model, remove_weight_norm
+    from recipes.export.onnx import export_onnx
+    from recipes.speech.models import random_model, remove_weight_norm
 
     (line,) = _bash_lines("trtexec")
     assert "--stronglyTyped" in line and "--onnx=model.onnx" in line
@@ -223,7 +229,7 @@ def test_auto_quantize_snippet_runs_on_the_demo_model():
 
 
 def _python_blocks() -> list[str]:
-    return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)]
+    return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", _all_text(), re.S)]
 
 
 def test_calibrator_entry_snippet_puts_that_calibrator_on_the_quantizers():
@@ -258,3 +264,12 @@ def test_every_python_block_has_a_test():
     assert len(blocks) == len(covered), [b.splitlines()[0] for b in blocks]
     for marker in covered:
         assert sum(marker in b for b in blocks) >= 1, marker
+
+
+def test_readme_is_a_front_page_and_its_links_resolve():
+    import re as _re
+
+    assert len(README.read_text().splitlines()) <= 250
+    for page in [README, *DOCS]:
+        for target in _re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).is_file(), f"{page.name}: broken link {target}"

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import sq_plugin  # noqa: F401
-from recipes.asr import forward_logits
-from recipes.models import remove_weight_norm
-from recipes.qconfig import calibration_loop, quantize_copy, stablequant_config
-from recipes.reuse import PrefixRunner
-from recipes.layerwise import run_layerwise
-from recipes.stablequant import DevScorer, Settings, parse_grid, run_stablequant
+from recipes.evaluation.asr import forward_logits
+from recipes.speech.models import remove_weight_norm
+from recipes.search.qconfig import calibration_loop, quantize_copy, stablequant_config
+from recipes.search.reuse import PrefixRunner
+from recipes.search.layerwise import run_layerwise
+from recipes.search.stablequant import DevScorer, Settings, parse_grid, run_stablequant
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
@@ -48,7 +48,7 @@ def test_variants_side_by_side_equal_one_at_a_time(setup):
     """PrefixRunner.run_variants (k forms of a layer in one forward of k copies of each batch)
     gives each form's logits as a forward with the layer in that form alone, on batches of one
     and of two utterances; a layer fed a batch that is not k copies is refused by name."""
-    from recipes.data import Batch
+    from recipes.data.readers import Batch
 
     sm, calib, dev = setup
     qsm = quantize_copy(sm, stablequant_config(8, 8, num_bins=256), calib)
@@ -167,7 +167,7 @@ def test_compare_rows_match_independent_modelopt_runs(setup):
     """Table rows vs fresh ModelOpt quantizations: ModelOpt's own max calibration (all layers,
     and with the CNN disabled by config) and the emitted StableQuant config."""
     from recipes.compare import compare_methods
-    from recipes.qconfig import CNN_PATTERN, quant_cfg
+    from recipes.search.qconfig import CNN_PATTERN, quant_cfg
 
     sm, calib, dev = setup
     table = compare_methods(sm, calib, dev, dev, bits=[8], grid=GRID, num_bins=256)
@@ -212,7 +212,7 @@ def test_paper_recipe_stage2_is_algorithm2_at_every_cutoff(setup):
 
 
 def test_default_recipe_monotone_and_config_reproduces(setup):
-    from recipes.layerwise import LogitDivergence
+    from recipes.search.layerwise import LogitDivergence
 
     sm, calib, dev = setup
     result = run_layerwise(sm, calib, dev, Settings(wbits=6, abits=6, num_bins=256), progress=False)
@@ -243,7 +243,7 @@ def test_default_recipe_monotone_and_config_reproduces(setup):
 
 
 def test_default_recipe_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
-    from recipes import layerwise
+    from recipes.search import layerwise
 
     sm, calib, dev = setup
     settings = Settings(num_bins=256)
@@ -276,7 +276,7 @@ def test_walk_ladder_prefetch_sees_every_comparison_first_and_changes_nothing():
     compares was announced to prefetch before (brute force over ladders, starts and orders)."""
     from itertools import permutations
 
-    from recipes.layerwise import walk_ladder
+    from recipes.search.layerwise import walk_ladder
 
     labels = list("abcde")
     for kls in permutations(range(5)):
@@ -309,7 +309,7 @@ def test_default_recipe_side_by_side_candidates_choose_as_one_at_a_time(setup):
 
 def test_one_standard_error_rule_by_hand():
     """clearly_lower: the paired difference must beat its standard error over dev batches."""
-    from recipes.layerwise import LogitDivergence
+    from recipes.search.layerwise import LogitDivergence
 
     ref = [torch.zeros(1, 5, 3) for _ in range(4)]  # 4 batches of 5 frames: 20 frames
     div = LogitDivergence(ref)

@@ -8,8 +8,8 @@ import string
 
 import pytest
 
-from recipes.asr import greedy_ctc_decode, wer_cer
-from recipes.data import Utterance
+from recipes.evaluation.asr import greedy_ctc_decode, wer_cer
+from recipes.data.readers import Utterance
 from recipes.speech.text import TextCodec, check_transcripts
 
 UPPER = ["<pad>", "<s>", "</s>", "<unk>", "|"] + list(string.ascii_uppercase) + ["'"]

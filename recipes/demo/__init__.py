@@ -1,7 +1,7 @@
 """The shipped demo: a tiny wav2vec2 CTC model trained on espeak-ng English, plus small data sets.
 
 Why: examples, tests and CI need a real speech model and real audio without any
-download. See model/README.md for how both were made (recipes.synth, recipes.train_demo).
+download. See model/README.md for how both were made (recipes.data.synth, recipes.data.train_demo).
 
 Splits (each a plain TSV `audio/X.flac<TAB>TRANSCRIPT` next to its audio):
   calib, dev, test   -- test mixes training voices and held-out voices

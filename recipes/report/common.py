@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipes.atomic import atomic_output, write_json_atomic, write_text_atomic
+from recipes.runtime.atomic import atomic_output, write_json_atomic, write_text_atomic
 
-REAPPLY = ("Re-apply with `import sq_plugin`, `recipes.models.remove_weight_norm(model)` (ModelOpt cannot wrap "
+REAPPLY = ("Re-apply with `import sq_plugin`, `recipes.speech.models.remove_weight_norm(model)` (ModelOpt cannot wrap "
            "the positional conv's weight norm), then "
            "`mtq.quantize(model, json.load(open('modelopt_config.json')), forward_loop)` (a config with "
-           "`block_sizes`: `recipes.qconfig.load_config('modelopt_config.json')` instead of `json.load`, which "
+           "`block_sizes`: `recipes.search.qconfig.load_config('modelopt_config.json')` instead of `json.load`, which "
            "turns their integer axes into strings ModelOpt 0.47 refuses).")
 SYSTEM_NAMES = {"fp32": "fp32", "max": "Max", "percentile": "Percentile", "mse": "MSE", "entropy": "Entropy",
                 "stablequant_paper": "StableQuant (paper recipe)", "stablequant": "StableQuant (default recipe)"}

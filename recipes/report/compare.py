@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipes.atomic import write_json_atomic, write_text_atomic
+from recipes.runtime.atomic import write_json_atomic, write_text_atomic
 
 from .common import SYSTEM_NAMES, ci_text, count_text, markdown_table, short_layer
 from .mixed import mixed_compare_markdown

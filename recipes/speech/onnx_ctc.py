@@ -1,4 +1,4 @@
-"""Exported ONNX CTC models (``recipes.onnx_runner.OnnxCTCModel``) run through ONNX Runtime.
+"""Exported ONNX CTC models (``recipes.export.onnx_runner.OnnxCTCModel``) run through ONNX Runtime.
 
 Only the running half of the contract: an exported graph has no blocks to cache or re-export.
 """
@@ -14,7 +14,7 @@ class OnnxCTCFamily(SpeechFamily):
     name = "onnx"
 
     def claims_module(self, model) -> bool:
-        runner = sys.modules.get("recipes.onnx_runner")  # no model of ours exists before it is imported
+        runner = sys.modules.get("recipes.export.onnx_runner")  # no model of ours exists before it is imported
         return runner is not None and isinstance(model, runner.OnnxCTCModel)
 
     def logits(self, model, input_values, attention_mask=None):

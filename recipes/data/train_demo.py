@@ -5,7 +5,7 @@ Why: quantization layer selection is driven by WER, so the project needs a real
 in miniature (GroupNorm conv front end, post-LN transformer), so the plugin's
 code paths are those of the real models.
 
-    python -m recipes.train_demo --train DIR/index.tsv --dev DEV/index.tsv \
+    python -m recipes.data.train_demo --train DIR/index.tsv --dev DEV/index.tsv \
         --out MODEL_DIR --minutes 80 --seed 0
 
 The LR schedule follows the elapsed fraction of the wall-clock budget, so the run

@@ -27,7 +27,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.onnx import symbolic_helper
 
-from recipes.onnx_graph import ExportError, attr, consumer_index, graph_index, prune_unused
+from recipes.export.graph import ExportError, attr, consumer_index, graph_index, prune_unused
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class _BlockQDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, blocks, amax, codes, scale, num_bits, narrow_range, axis, block):
-        from recipes.fastquant import fake_quant_int
+        from recipes.search.fastquant import fake_quant_int
 
         return fake_quant_int(blocks, amax, num_bits, False, narrow_range)
 

@@ -1,7 +1,7 @@
 """Run an exported CTC .onnx with ONNX Runtime, and score it with the same evaluator as torch models.
 
 OnnxCTCModel is a speech model of its own family (:mod:`recipes.speech.onnx_ctc`: logits from the
-session, frame counts from the exported conv geometry), so recipes.asr.evaluate needs no
+session, frame counts from the exported conv geometry), so recipes.evaluation.asr.evaluate needs no
 ONNX-specific branch; it imitates no other family's methods, so no other family claims it.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.export import load_onnx, read_metadata
-from recipes.onnx_graph import constant_values, prune_unused
+from recipes.export.onnx import load_onnx, read_metadata
+from recipes.export.graph import constant_values, prune_unused
 
 MIN_IM2COL_DEPTH = 64  # Cin*kernel below this (the 1-channel waveform conv) gains nothing
 
@@ -261,19 +261,19 @@ class OnnxCTCModel:
 
         if "conv_kernel" not in self.meta:
             raise ValueError(f"{self.path}: metadata lacks conv_kernel/conv_stride; re-export it "
-                             "with recipes.export.export_onnx")
+                             "with recipes.export.onnx.export_onnx")
         return conv_output_lengths(lengths, list(zip(self.meta["conv_kernel"], self.meta["conv_stride"])))
 
     def parameters(self):
         return iter(())
 
     def speech_model(self, vocab_source=None):
-        """A recipes.models.SpeechModel around this session, for evaluate()/transcribe().
+        """A recipes.speech.models.SpeechModel around this session, for evaluate()/transcribe().
 
         The vocab and preprocessing facts come from the ONNX metadata, or from `vocab_source`
         (a SpeechModel, "demo" or an HF model directory) for files exported without them.
         """
-        from recipes.models import SpeechModel, resolve_model
+        from recipes.speech.models import SpeechModel, resolve_model
 
         if vocab_source is not None and not hasattr(vocab_source, "vocab"):
             vocab_source = resolve_model(vocab_source)
@@ -302,16 +302,16 @@ def run_eval_onnx(onnx_path: str | Path, data=None, model: str | Path | None = "
                   limit: int | None = None, batch_seconds: float = 32.0, skip_bad: bool = False,
                   seed: int = 0, providers: list[str] | None = None, progress: bool = True,
                   print_table: bool = True) -> dict:
-    """`stablequant eval --onnx`: WER/CER of an exported .onnx, scored like recipes.evaluate.run_eval.
+    """`stablequant eval --onnx`: WER/CER of an exported .onnx, scored like recipes.evaluation.evaluate.run_eval.
 
     `data` is a data set path (None: the demo test set when model is "demo") or ready batches.
     `model` supplies the vocabulary only if the .onnx lacks it in its metadata.
     """
     import time
 
-    from recipes.asr import evaluate
-    from recipes.data import make_batches
-    from recipes.evaluate import format_table, load_eval_data
+    from recipes.evaluation.asr import evaluate
+    from recipes.data.readers import make_batches
+    from recipes.evaluation.evaluate import format_table, load_eval_data
 
     runner = OnnxCTCModel(onnx_path, providers=providers)
     sm = runner.speech_model(None if "vocab" in runner.meta else model)

@@ -1,6 +1,6 @@
 """The default recipe: the best calibrator per layer, chosen by how far the logits move from fp32.
 
-What it adds to the paper (``--recipe paper``, :mod:`recipes.stablequant`):
+What it adds to the paper (``--recipe paper``, :mod:`recipes.search.stablequant`):
 
 1. **A smooth selection score.** Every decision minimises the mean per-frame KL divergence of the
    quantized model's output distribution from the fp32 model's on the dev set, instead of the
@@ -14,7 +14,7 @@ What it adds to the paper (``--recipe paper``, :mod:`recipes.stablequant`):
    candidate scales from its one histogram (max, percentiles, MSE, entropy, StableQuant cut-off +
    MSE at several p), ordered by amax, from the current one while the dev KL falls by more than
    one standard error of the paired per-batch difference (lower by noise is not lower), with every
-   other layer quantized as currently chosen. The prefix cache (:class:`recipes.reuse.PrefixRunner`)
+   other layer quantized as currently chosen. The prefix cache (:class:`recipes.search.reuse.PrefixRunner`)
    serves the already decided layers before it, so each candidate costs one suffix forward. The
    score never rises: the result is at most the best uniform baseline's dev KL.
 
@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .asr import forward_logits
-from .distributed import DevShard, current_ranks
-from .fastquant import fast_fake_quant
-from .models import SpeechModel
-from .reuse import PrefixRunner
-from .stablequant import (Settings, base_config, begin_recipe, calibrated_copy, folded_weight_quantizers,
+from recipes.evaluation.asr import forward_logits
+from recipes.runtime.distributed import DevShard, current_ranks
+from recipes.search.fastquant import fast_fake_quant
+from recipes.speech.models import SpeechModel
+from recipes.search.reuse import PrefixRunner
+from recipes.search.stablequant import (Settings, base_config, begin_recipe, calibrated_copy, folded_weight_quantizers,
                           histogram_arrays, result_json)
 
 log = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ from onnx import numpy_helper
 from torch import nn
 from torch.onnx import symbolic_helper
 
-from recipes.atomic import atomic_output
-from recipes.onnx_graph import ExportError, attr, constant_values, consumer_index, graph_index, prune_unused, replace_nodes  # noqa: F401 (re-exported)
-from recipes.int4_export import block_qdq, lower_block_weights, pack_int4_weights, weight_block_spec
+from recipes.runtime.atomic import atomic_output
+from recipes.export.graph import ExportError, attr, constant_values, consumer_index, graph_index, prune_unused, replace_nodes  # noqa: F401 (re-exported)
+from recipes.export.int4 import block_qdq, lower_block_weights, pack_int4_weights, weight_block_spec
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +480,7 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     ``logits`` [batch, frames, vocab]; both batch and length are dynamic. ``bits_note`` is extra
     free text stored with the int8-container note; ``metadata`` adds string key/values to the
     file's metadata_props. Weights of 4 bits or fewer are stored packed as ONNX INT4 (opset 21,
-    :mod:`recipes.int4_export`) unless ``pack_int4=False``. The file appears atomically or not at all.
+    :mod:`recipes.export.int4`) unless ``pack_int4=False``. The file appears atomically or not at all.
     Returns a summary dict (path, precision, quantizer count, int8 weights, bits, size).
     """
     from recipes.speech import family_of, remove_weight_norm

@@ -5,7 +5,7 @@ CI/offline machines cannot download LibriSpeech or a pretrained checkpoint. A
 seeded sentence grammar rendered by espeak-ng with several accents, voice
 variants, speeds, pitches and noise levels gives a small, reproducible ASR task.
 
-    python -m recipes.synth --seed 0 --voices train --count 8000 --out DIR
+    python -m recipes.data.synth --seed 0 --voices train --count 8000 --out DIR
 
 Writes DIR/audio/NNNNN_<voice>.flac (16 kHz mono PCM_16) and DIR/index.tsv with
 rows `audio/NNNNN_<voice>.flac<TAB>TRANSCRIPT` (A-Z, apostrophe, space).

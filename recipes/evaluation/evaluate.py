@@ -6,9 +6,9 @@ import logging
 import time
 from pathlib import Path
 
-from recipes.asr import evaluate
-from recipes.data import Utterance, make_batches, open_dataset
-from recipes.models import SpeechModel, resolve_model
+from recipes.evaluation.asr import evaluate
+from recipes.data.readers import Utterance, make_batches, open_dataset
+from recipes.speech.models import SpeechModel, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def run_eval(model: str | Path | SpeechModel = "demo", data: str | Path | None =
     `model` may also be a ready SpeechModel (e.g. a quantized copy of the demo model). ``device``
     (``auto|cpu|cuda[:N]`` or a torch.device): where to run; default: where the model is.
     """
-    from recipes.device import batches_to, model_device, resolve_device, to_device
+    from recipes.runtime.device import batches_to, model_device, resolve_device, to_device
 
     sm = model if isinstance(model, SpeechModel) else resolve_model(model)
     if device is not None:

@@ -3,7 +3,7 @@
 Uniform bit widths waste bits where they are cheap and starve the layers that need them (on the
 demo the CNN front end carries almost the whole W6A6 loss). ``stablequant quantize --budget-bits B``:
 
-1. **Activations** are calibrated by the default recipe at W8A8 (:func:`recipes.layerwise.run_layerwise`):
+1. **Activations** are calibrated by the default recipe at W8A8 (:func:`recipes.search.layerwise.run_layerwise`):
    its histograms (collected once) and its chosen calibrator per activation quantizer give every
    activation scale of the menu (the same calibrator re-run on the same histogram at 6 bits for
    A6). Weights get MSE-optimal scales at each width, per output channel or, for the block
@@ -12,9 +12,9 @@ demo the CNN front end carries almost the whole W6A6 loss). ``stablequant quanti
 2. **Sensitivity**: each layer alone at each format of the menu, every other layer float. From
    the same suffix-forward logits, two scores: the dev KL of the output distribution to fp32
    (the default recipe's score: fidelity, at best 0) and the change of the dev CTC loss of the
-   transcripts from fp32's (auto_quantize's loss, :class:`recipes.autoquant.CtcLossChange`: it
+   transcripts from fp32's (auto_quantize's loss, :class:`recipes.search.autoquant.CtcLossChange`: it
    can be negative, a layer whose rounding helps the transcripts). The float prefix of each layer
-   is served from cache (:class:`recipes.reuse.PrefixRunner`), so one layer × format costs one
+   is served from cache (:class:`recipes.search.reuse.PrefixRunner`), so one layer × format costs one
    suffix forward. Finished scores go to the state file (``--resume``).
 3. **Exact allocation**, once per score (``score``: ``auto`` both, or ``kl`` / ``ctc``): minimise
    the summed scores subject to the average weight bits (Σ bits·weights / Σ weights over every
@@ -32,7 +32,7 @@ demo the CNN front end carries almost the whole W6A6 loss). ``stablequant quanti
    goes to KL, the fidelity objective.
 
 Under ``torchrun`` the dev (and calibration-check) utterances are sharded as in the default recipe
-(:mod:`recipes.distributed`): each rank forwards its share for every layer × format, per-batch KL and
+(:mod:`recipes.runtime.distributed`): each rank forwards its share for every layer × format, per-batch KL and
 CTC sums and per-utterance edits are all-reduced, so every rank holds the one-process numbers, and
 rank 0's allocation is broadcast so all ranks measure the same one; rank 0 writes.
 
@@ -57,13 +57,13 @@ from tqdm.auto import tqdm
 
 from sq_plugin.quantizers import E4M3
 
-from .asr import forward_logits
-from .distributed import broadcast_from_main, current_ranks
-from .fastquant import fake_quant_blocks, fake_quant_int, fast_fake_quant
-from .layerwise import CANDIDATES, SHIFT, LogitDivergence, run_layerwise, spec_entry, spec_label
-from .models import SpeechModel, layer_inventory
-from .reuse import PrefixRunner
-from .stablequant import DevScorer, Settings, begin_recipe, result_json
+from recipes.evaluation.asr import forward_logits
+from recipes.runtime.distributed import broadcast_from_main, current_ranks
+from recipes.search.fastquant import fake_quant_blocks, fake_quant_int, fast_fake_quant
+from recipes.search.layerwise import CANDIDATES, SHIFT, LogitDivergence, run_layerwise, spec_entry, spec_label
+from recipes.speech.models import SpeechModel, layer_inventory
+from recipes.search.reuse import PrefixRunner
+from recipes.search.stablequant import DevScorer, Settings, begin_recipe, result_json
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def run_mixed(
     ``state_w8a8.json`` beside ``state_path``). ``score``: ``kl`` or ``ctc`` allocates with that sensitivity; ``auto`` verifies both and keeps
     the lower WER on the calibration utterances (ties: ``kl``; :func:`choose_score`). Both scores are always computed (same forwards) and stored.
     """
-    from .autoquant import CtcLossChange
+    from recipes.search.autoquant import CtcLossChange
 
     from calibrators import per_block_mse_amax, per_channel_mse_amax, weight_block
     from sq_plugin import calibrator_class
@@ -712,8 +712,8 @@ def run_mixed_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, budget_bit
                      seed: int = 0, progress: bool = True, block_scale_bits: float = SCALE_BITS,
                      score: str = "auto", variants_per_forward: int = 8) -> tuple[MixedResult, dict]:
     """:func:`run_mixed` plus the report meta: dev WERs with paired-bootstrap intervals vs fp32."""
-    from .asr import UtteranceErrors
-    from .asr import intervals
+    from recipes.evaluation.asr import UtteranceErrors
+    from recipes.evaluation.asr import intervals
 
     start = time.perf_counter()
     result = run_mixed(sm, calib, dev, budget_bits, settings, state_path=state_path, resume=resume,

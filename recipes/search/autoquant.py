@@ -2,7 +2,7 @@
 
 auto_quantize (ModelOpt 0.47, ``method="gradient"``) needs a data loader, a ``forward_step`` and
 a ``loss_func``; for a CTC model the natural loss is the CTC loss of the transcripts, which is
-what this module supplies. Our own mixed-precision search (:mod:`recipes.mixed`) is the
+what this module supplies. Our own mixed-precision search (:mod:`recipes.search.mixed`) is the
 WER/KL-driven alternative; :func:`run_auto_quantize` lets the two be compared at equal
 effective bits.
 """
@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .asr import forward_logits
-from .distributed import DevShard
-from .models import SpeechModel, remove_weight_norm
-from .speech.text import text_codec
+from recipes.evaluation.asr import forward_logits
+from recipes.runtime.distributed import DevShard
+from recipes.speech.models import SpeechModel, remove_weight_norm
+from recipes.speech.text import text_codec
 
 
 def ctc_targets(sm: SpeechModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +34,7 @@ def ctc_loss_func(sm: SpeechModel):
     """``loss_func(output, batch)`` for auto_quantize: mean CTC loss of the batch's transcripts."""
 
     def loss_func(logits: torch.Tensor, batch) -> torch.Tensor:
-        from .speech import family_of
+        from recipes.speech import family_of
 
         in_len = family_of(sm.model).output_lengths(sm.model, batch.lengths).clamp(max=logits.shape[1])
         targets, tgt_len = ctc_targets(sm, batch.texts)
@@ -45,7 +45,7 @@ def ctc_loss_func(sm: SpeechModel):
 
 
 class CtcLossChange:
-    """Dev CTC loss of the transcripts minus fp32's, for :mod:`recipes.mixed`'s sensitivities.
+    """Dev CTC loss of the transcripts minus fp32's, for :mod:`recipes.search.mixed`'s sensitivities.
 
     The loss of a set of logits is :func:`ctc_loss_func`'s (auto_quantize's) batch loss summed over
     the dev batches; the score subtracts fp32's on the same batches, so a layer that *helps* the

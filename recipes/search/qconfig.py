@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .asr import forward_logits
-from .models import SpeechModel, remove_weight_norm
+from recipes.evaluation.asr import forward_logits
+from recipes.speech.models import SpeechModel, remove_weight_norm
 
 SUPPORTED_BITS = range(2, 17)
 # quantizer-name patterns for each layer kind of the HF SFM family

@@ -52,7 +52,7 @@ def batches_to(batches, device):
     """The same batch list with inputs (and masks) on ``device``, moved once."""
     from dataclasses import replace
 
-    from .data import BatchList
+    from recipes.data.readers import BatchList
 
     moved = [replace(b, input_values=b.input_values.to(device),
                      attention_mask=None if b.attention_mask is None else b.attention_mask.to(device))

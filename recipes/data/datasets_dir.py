@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utterance import Utterance
+from recipes.data.utterance import Utterance
 
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text")
 AUDIO_COLUMNS = ("audio", "speech", "file", "path")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .speech import LayerInfo, SpeechModel, layer_inventory, load_speech_model, remove_weight_norm
-from .speech.hf_ctc import (
+from recipes.speech import LayerInfo, SpeechModel, layer_inventory, load_speech_model, remove_weight_norm
+from recipes.speech.hf_ctc import (
     CHAR_VOCAB,
     SHORT_TO_ARCH,
     SUPPORTED_ARCHS,

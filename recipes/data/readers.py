@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .utterance import Utterance
+from recipes.data.utterance import Utterance
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def read_plain_tsv(tsv: str | Path) -> list[Utterance]:
 def detect_format(path: str | Path) -> str:
     """'datasets' for a save_to_disk directory, 'librispeech' for another directory; 'fairseq' if
     the TSV's first line is a root (no tab), else 'plain'."""
-    from .datasets_dir import is_datasets_dir
+    from recipes.data.datasets_dir import is_datasets_dir
 
     path = Path(path)
     if is_datasets_dir(path):
@@ -192,7 +192,7 @@ def detect_format(path: str | Path) -> str:
 def open_dataset(path: str | Path) -> list[Utterance]:
     """Read any supported dataset format (auto-detected) into a list of utterances."""
     fmt = detect_format(path)
-    from .datasets_dir import read_datasets_dir
+    from recipes.data.datasets_dir import read_datasets_dir
 
     reader = {"librispeech": read_librispeech, "fairseq": read_fairseq_manifest,
               "plain": read_plain_tsv, "datasets": read_datasets_dir}[fmt]

@@ -5,7 +5,7 @@ Why: the model card's numbers and tests/test_demo_model.py's expected transcript
 come from the shipped artifacts (HF from_pretrained + Wav2Vec2Processor), not from
 the trainer's in-memory model.
 
-    python -m recipes.ship_demo --model work_data/model --work work_data
+    python -m recipes.data.ship_demo --model work_data/model --work work_data
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="trained HF model dir")
     ap.add_argument("--work", type=Path, default=Path("work_data"),
-                    help="dir with calib/ dev/ test/ test_heldout/ made by recipes.synth")
+                    help="dir with calib/ dev/ test/ test_heldout/ made by recipes.data.synth")
     ap.add_argument("--no-pack", action="store_true", help="only score what is shipped")
     ap.add_argument("--counts", type=int, nargs=4, default=[64, 100, 100, 50],
                     metavar=("CALIB", "DEV", "TEST_SEEN", "TEST_HELDOUT"))

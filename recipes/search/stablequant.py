@@ -2,7 +2,7 @@
 
 Histograms are collected once (one calibration pass through ModelOpt with the "stablequant"
 algorithm); every candidate scale afterwards comes from those histograms. Stage 1 serves the
-float prefix of each layer from cache (:mod:`recipes.reuse`); Stage 2 skips cut-offs whose
+float prefix of each layer from cache (:mod:`recipes.search.reuse`); Stage 2 skips cut-offs whose
 scales equal an already evaluated candidate. Every finished evaluation goes to a state file, so
 a killed run resumes where it stopped.
 """
@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .asr import UtteranceErrors, decode_logits, forward_logits, utterance_errors
-from .speech.text import text_codec
-from .atomic import write_json_atomic
-from .distributed import DevShard, barrier, current_ranks
-from .fastquant import fast_fake_quant
-from .models import SpeechModel, layer_inventory
-from .qconfig import quantize_copy, stablequant_config
-from .grid import parse_grid, validate_grid
-from .reuse import PrefixRunner
+from recipes.evaluation.asr import UtteranceErrors, decode_logits, forward_logits, utterance_errors
+from recipes.speech.text import text_codec
+from recipes.runtime.atomic import write_json_atomic
+from recipes.runtime.distributed import DevShard, barrier, current_ranks
+from recipes.search.fastquant import fast_fake_quant
+from recipes.speech.models import SpeechModel, layer_inventory
+from recipes.search.qconfig import quantize_copy, stablequant_config
+from recipes.search.grid import parse_grid, validate_grid
+from recipes.search.reuse import PrefixRunner
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class DevScorer:
     """Dev-set WER of whatever a model produces, from logits (decoding stays in one place).
 
     Under torchrun each rank scores only its shard (``batches``: forward those); ``errors``
-    returns the whole set's per-utterance edits, all-reduced (:mod:`recipes.distributed`).
+    returns the whole set's per-utterance edits, all-reduced (:mod:`recipes.runtime.distributed`).
     """
 
     def __init__(self, sm: SpeechModel, batches: Sequence):

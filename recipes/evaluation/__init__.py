@@ -1,0 +1,2 @@
+"""Evaluation: greedy CTC decoding, WER/CER as the model's vocabulary spells text, bootstrap
+intervals, and ``stablequant eval``."""

@@ -1,0 +1,1 @@
+"""Runtime: device choice, torchrun ranks and dev-set sharding, atomic output files."""
