@@ -8,8 +8,8 @@ import string
 
 import pytest
 
-from recipes.evaluation.asr import greedy_ctc_decode, wer_cer
 from recipes.data.readers import Utterance
+from recipes.evaluation.asr import greedy_ctc_decode, wer_cer
 from recipes.speech.text import TextCodec, check_transcripts
 
 UPPER = ["<pad>", "<s>", "</s>", "<unk>", "|"] + list(string.ascii_uppercase) + ["'"]
@@ -95,3 +95,40 @@ def test_unspellable_characters_are_named_with_file_and_line(caplog):
     text = caplog.text
     assert "'4' (U+0034)" in text and "dev.tsv:3, dev.tsv:9" in text and "counted as <unk>" in text
     assert "dev.tsv:4" not in text
+
+
+def test_an_xlsr_style_vocabulary_runs_every_search_and_names_what_it_cannot_spell(tmp_path, caplog):
+    """A checkpoint like the multilingual XLSR fine-tunes: [PAD]/[UNK] specials, lowercase letters
+    beyond A-Z, transcripts in any case with punctuation and digits. Every search runs; characters
+    the vocabulary lacks are named (file:line) before any search starts."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from recipes.cli import main
+    from recipes.speech.models import random_model, save_model
+
+    model = tmp_path / "model"
+    save_model(random_model("tiny", seed=5), model)
+    vocab = ["[PAD]", "[UNK]", "|"] + list("abcdefghijklmnopqrstuvwxyzäöé")  # 32 tokens, as the head
+    (model / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "pad_token": "[PAD]", "unk_token": "[UNK]", "word_delimiter_token": "|", "do_lower_case": False,
+        "tokenizer_class": "Wav2Vec2CTCTokenizer"}))
+    rng = np.random.default_rng(0)
+    texts = ["Größe, Ähre!", "ÉTÉ 42 ok", "hello world"]
+    for i in range(3):
+        sf.write(tmp_path / f"u{i}.flac", rng.standard_normal(5000 + 700 * i).astype("float32") * 0.1, 16000)
+    (tmp_path / "set.tsv").write_text("".join(f"u{i}.flac\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    data = str(tmp_path / "set.tsv")
+    common = ["--model", str(model), "--calib", data, "--dev", data, "--grid", "0,0.1", "--num-bins", "128"]
+    with caplog.at_level(logging.WARNING):
+        assert main(["quantize", *common, "--budget-bits", "6", "--mixed-score", "ctc",
+                     "--out", str(tmp_path / "m")]) == 0
+    assert "'ß' (U+00DF)" in caplog.text and "set.tsv:1" in caplog.text and "counted as [UNK]" in caplog.text
+    assert "'4' (U+0034)" in caplog.text and "set.tsv:2" in caplog.text
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert report["score"] == "ctc" and report["meta"]["dev"]["fp32"]["words"] == 7  # größe ähre été 42 ok hello world
+    assert main(["compare", *common, "--test", data, "--bits", "8", "--budgets", "6",
+                 "--out", str(tmp_path / "c")]) == 0
