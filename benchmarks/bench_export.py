@@ -3,8 +3,9 @@
 Models: (a) the demo model, if present (calibrated on its calib split; WER of both files on
 its test split as a sanity check), and (b) a random-weight wav2vec2-base-shaped model (hidden
 768, 12 layers, conv 512) on 10 s of audio, calibrated with ModelOpt's INT8 default config (max
-calibration) on a few random-audio batches: speed is measured there, not accuracy. Both files of a model are timed in the same process with the same session
-options, warmed up, runs interleaved (so background load hits both alike), median reported.
+calibration) on a few random-audio batches: speed is measured there, not accuracy. Both files of
+a model are timed in the same process with the same session options, warmed up, runs interleaved
+(so background load hits both alike), median reported.
 Peak memory is the RSS increase of a fresh child process that loads the file and runs it once.
 Sessions come from recipes.export.onnx_runner.make_session, as `stablequant eval --onnx` runs them
 (int8 convs lowered to ORT's integer GEMM in memory; the fp32 file is untouched).
@@ -151,9 +152,9 @@ def int8_config(attention_bmm: bool = False) -> dict:
 
 def quantize_int8(sm, calib: list, attention_bmm: bool = False):
     """INT8 (see int8_config) with max calibration over `calib` input tensors."""
+    import modelopt.torch.quantization as mtq
     import torch
 
-    import modelopt.torch.quantization as mtq
     from recipes.speech.models import remove_weight_norm
 
     remove_weight_norm(sm.model)
@@ -207,9 +208,8 @@ def bench_model(tag: str, make_model, calib: list, args, workdir: Path, wer_data
         row["latency_ratio_attention_bmm"] = (latency["fp32"]["median_ms"]
                                               / latency["int8_attention_bmm"]["median_ms"])
     if wer_data is not None:
-        from recipes.export.onnx_runner import run_eval_onnx
-
         from recipes.evaluation.asr import evaluate
+        from recipes.export.onnx_runner import run_eval_onnx
 
         row["wer"] = {k: run_eval_onnx(p, wer_data, progress=False, print_table=False)["wer"]
                       for k, p in paths.items()}

@@ -192,9 +192,9 @@ def worker(args) -> None:
     wall and CPU seconds (CPU time = the work this rank did, whatever else runs on the machine)."""
     import torch
 
-    from recipes.search import stablequant
     from recipes.runtime.device import resolve_device
     from recipes.runtime.distributed import init_ranks, ranks_from_env
+    from recipes.search import stablequant
 
     device = resolve_device(args.device, ranks_from_env().local_rank)
     ranks = init_ranks(device)
@@ -275,7 +275,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-ranks", action="store_true")
     parser.add_argument("--only-ranks", action="store_true", help="only the N ranks vs 1 measurement")
-    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/bench_gpu_<cuda|cpu>.json)")
+    parser.add_argument("--out", default=None,
+                        help="results JSON (default benchmarks/results/bench_gpu_<cuda|cpu>.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -310,7 +311,8 @@ def main() -> None:
             row["ranks"] = ranks_vs_one(shape, args, device)
         result["shapes"][shape] = row
         print_table(shape, result["device"], args.dev, row)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_gpu_{'cuda' if cuda else 'cpu'}.json"
+    out = (Path(args.out) if args.out
+           else ROOT / "benchmarks" / "results" / f"bench_gpu_{'cuda' if cuda else 'cpu'}.json")
     write_json_atomic(out, result)
     print(f"wrote {out}")
 

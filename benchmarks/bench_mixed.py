@@ -55,21 +55,21 @@ def main(argv=None) -> None:
     import torch
 
     import sq_plugin
-    from recipes.evaluation.asr import forward_logits, paired_bootstrap
-    from recipes.runtime.atomic import write_json_atomic, write_text_atomic
-    from recipes.search.autoquant import run_auto_quantize
     from recipes.cli import main as cli
     from recipes.data.readers import make_batches, open_dataset
     from recipes.demo import demo_data
+    from recipes.evaluation.asr import forward_logits, paired_bootstrap
     from recipes.export.onnx import export_onnx
+    from recipes.export.onnx_runner import run_eval_onnx
+    from recipes.report import markdown_table
+    from recipes.runtime.atomic import write_json_atomic, write_text_atomic
+    from recipes.search.autoquant import run_auto_quantize
     from recipes.search.fastquant import fast_fake_quant
     from recipes.search.layerwise import LogitDivergence
     from recipes.search.mixed import SCORES, model_weight_bits
-    from recipes.speech.models import resolve_model
-    from recipes.export.onnx_runner import run_eval_onnx
     from recipes.search.qconfig import load_config, quantize_copy
-    from recipes.report import markdown_table
     from recipes.search.stablequant import DevScorer
+    from recipes.speech.models import resolve_model
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -218,7 +218,8 @@ def main(argv=None) -> None:
     for b, r in out["budgets"].items():
         for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
             o = r[f"ours_{count}"]
-            rows.append([f"ours, budget {b} ({label}; allocated by {o['score']})", f"{o['bits']['scales']:.3f}", f"{o['bits']['grid']:.3f}",
+            rows.append([f"ours, budget {b} ({label}; allocated by {o['score']})", f"{o['bits']['scales']:.3f}",
+                         f"{o['bits']['grid']:.3f}",
                          f"{32 / o['bits']['scales']:.2f}×", f"{o['dev_wer']:.2f}", f"{o['dev_kl']:.5f}", o["test_wer"],
                          f"{o['test_wer'] - fp32_wer:+.2f}", o["onnx_test_wer"], f"{o['onnx_smaller_than_fp32']:.2f}×",
                          fmt(o["formats"])])
@@ -228,7 +229,8 @@ def main(argv=None) -> None:
                              "its smallest format overshoots the budget once scales are counted"])
             elif q is not None:
                 rows.append([f"auto_quantize, effective_bits {q['target']} ({label} ≤ {b})",
-                             f"{q['bits']['scales']:.3f}", f"{q['bits']['grid']:.3f}", f"{32 / q['bits']['scales']:.2f}×",
+                             f"{q['bits']['scales']:.3f}", f"{q['bits']['grid']:.3f}",
+                             f"{32 / q['bits']['scales']:.2f}×",
                              f"{q['dev_wer']:.2f}", f"{q['dev_kl']:.5f}", q["test_wer"],
                              f"{q['test_wer'] - fp32_wer:+.2f}", "-", "-", fmt(q["formats"])])
     md = markdown_table(["system", "bits/weight, scales counted", "bits/weight, ModelOpt's count",
@@ -238,7 +240,8 @@ def main(argv=None) -> None:
     for b, r in out["budgets"].items():
         for count, label in (("scales", "block scales counted"), ("grid", "ModelOpt's count")):
             o = r[f"ours_{count}"]
-            cands = "; ".join(f"{k}: dev WER {v['dev_wer']:.2f}, dev KL {v['dev_kl']:.5f}, dev CTC Δ {v['dev_ctc']:+.4f}"
+            cands = "; ".join(f"{k}: dev WER {v['dev_wer']:.2f}, dev KL {v['dev_kl']:.5f}, "
+                              f"dev CTC Δ {v['dev_ctc']:+.4f}"
                               for k, v in o["candidates"].items())
             cis.append(f"* budget {b}, {label}: candidates {cands} → {o['score']} ({o['score_reason']})")
     for b, r in out["budgets"].items():
@@ -253,7 +256,8 @@ def main(argv=None) -> None:
                 vs = f"; {sc} − auto_quantize = {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]" if c else ""
                 kept = " (kept)" if sc == o["score"] else " (not kept)"
                 cis.append(f"* budget {b}, {label}: allocation by {sc}{kept}: test WER {tw:.2f}{vs}")
-    write_text_atomic(results.with_suffix(".md"), f"test set: {out['test_set']}\n\nfp32 test WER {fp32_wer:.2f}, dev WER {out['fp32']['dev_wer']:.2f}, fp32 ONNX "
+    write_text_atomic(results.with_suffix(".md"), f"test set: {out['test_set']}\n\nfp32 test WER {fp32_wer:.2f}, "
+                      f"dev WER {out['fp32']['dev_wer']:.2f}, fp32 ONNX "
                       f"{fp32_onnx['size_bytes'] / 2**20:.2f} MiB\n\n{md}\n\n" + "\n".join(cis) + "\n")
     print(md)
     print("\n".join(cis))

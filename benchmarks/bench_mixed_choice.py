@@ -32,15 +32,15 @@ def main(argv=None) -> None:
 
     import torch
 
-    from recipes.evaluation.asr import forward_logits
-    from recipes.runtime.atomic import write_json_atomic, write_text_atomic
     from recipes.data.readers import make_batches, open_dataset
     from recipes.demo import demo_data
-    from recipes.search.fastquant import fast_fake_quant
-    from recipes.speech.models import resolve_model
-    from recipes.search.qconfig import load_config, quantize_copy
+    from recipes.evaluation.asr import forward_logits
     from recipes.report import markdown_table
+    from recipes.runtime.atomic import write_json_atomic, write_text_atomic
+    from recipes.search.fastquant import fast_fake_quant
+    from recipes.search.qconfig import load_config, quantize_copy
     from recipes.search.stablequant import DevScorer
+    from recipes.speech.models import resolve_model
 
     sm = resolve_model("demo")
     calib = make_batches(open_dataset(demo_data("calib")), sm)

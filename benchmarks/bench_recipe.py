@@ -29,11 +29,11 @@ def main() -> None:
 
     import torch
 
-    from recipes.runtime.atomic import write_json_atomic
     from recipes.data.readers import make_batches, open_dataset
-    from recipes.speech.models import resolve_model
+    from recipes.runtime.atomic import write_json_atomic
     from recipes.search.layerwise import run_layerwise
     from recipes.search.stablequant import Settings, run_stablequant
+    from recipes.speech.models import resolve_model
     from recipes.workflows import demo_split
 
     torch.manual_seed(0)
@@ -73,7 +73,8 @@ def main() -> None:
         row["fp32_dev_wer"] = r.float_wer
         result["recipes"][str(bits)] = row
         print(f"W{bits}A{bits} {row['paper']['seconds']:8.1f} {row['default']['seconds']:10.1f} "
-              f"{row['ratio_default_over_paper']:6.2f} {row['paper']['evaluations']:4d}/{row['default']['evaluations']:<5d} "
+              f"{row['ratio_default_over_paper']:6.2f} "
+              f"{row['paper']['evaluations']:4d}/{row['default']['evaluations']:<5d} "
               f"{row['paper']['dev_wer']:6.2f}/{row['default']['dev_wer']:<6.2f} {r.float_wer:6.2f}")
     out = ROOT / "benchmarks" / "results" / "bench_recipe.json"
     write_json_atomic(out, result)

@@ -39,13 +39,13 @@ def main() -> None:
 
     import torch
 
-    from recipes.runtime.atomic import write_json_atomic
     from recipes.data.readers import make_batches, open_dataset
+    from recipes.report import markdown_table
+    from recipes.runtime.atomic import write_json_atomic
     from recipes.search.layerwise import run_layerwise
     from recipes.search.mixed import run_mixed
-    from recipes.speech.models import resolve_model
-    from recipes.report import markdown_table
     from recipes.search.stablequant import Settings
+    from recipes.speech.models import resolve_model
     from recipes.workflows import demo_split
 
     torch.manual_seed(0)

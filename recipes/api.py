@@ -82,8 +82,8 @@ def run_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, settings: Settin
     """Run a recipe; returns its result and the report meta (dev WERs of fp32, each uniform
     baseline and the recipe, with paired bootstrap intervals). ``variants_per_forward``: the
     default recipe's candidates scored side by side (at most 2 are useful; 1: one per forward)."""
-    from recipes.evaluation.asr import UtteranceErrors
     from recipes.compare import intervals, uniform_dev_errors
+    from recipes.evaluation.asr import UtteranceErrors
     from recipes.search.layerwise import run_layerwise
     from recipes.search.stablequant import DevScorer, run_stablequant
 

@@ -79,10 +79,11 @@ DATA_HELP = {"calib": "calibration data (activation statistics)", "dev": "dev da
 
 
 def _add_common(p: argparse.ArgumentParser, data_args: tuple[str, ...] = ()) -> None:
-    p.add_argument("--model", default="demo", help="'demo' (shipped), a Hugging Face CTC model directory, a fairseq "
-                                                   "CTC checkpoint (.pt with dict.ltr.txt beside it), torchaudio:BUNDLE or a "
-                                                   "torchaudio checkpoint directory (torchaudio_config.json, labels.json, "
-                                                   "model.safetensors)")
+    p.add_argument("--model", default="demo",
+                   help="'demo' (shipped), a Hugging Face CTC model directory, a fairseq "
+                        "CTC checkpoint (.pt with dict.ltr.txt beside it), torchaudio:BUNDLE or a "
+                        "torchaudio checkpoint directory (torchaudio_config.json, labels.json, "
+                        "model.safetensors)")
     for name in data_args:
         p.add_argument(f"--{name}", default=None, metavar="DATA",
                        help=f"{DATA_HELP[name]}: a LibriSpeech directory, fairseq .tsv manifest, plain "
@@ -118,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--wbits", type=BITS, default=None, help="weight bits (default: --bits)")
     q.add_argument("--budget-bits", type=_number(float, 4.0, 16.0), default=None, metavar="B",
                    help="mixed precision: one format per layer (float, W8A8, W6A6, W4A8, W4A16, W4A8-blk / "
-                        "W4A16-blk with one scale per block of up to 128 weights, FP8 E4M3 W8A8) with at most B average bits per "
-                        "Linear/Conv weight (float counts 16), chosen from dev sensitivities; without it every "
-                        "layer gets --bits")
+                        "W4A16-blk with one scale per block of up to 128 weights, FP8 E4M3 W8A8) with at most B "
+                        "average bits per Linear/Conv weight (float counts 16), chosen from dev sensitivities; "
+                        "without it every layer gets --bits")
     q.add_argument("--block-scale-bits", type=_number(float, 0.0, 32.0), default=16.0, metavar="S",
                    help="with --budget-bits: bits the budget charges per block scale (default 16, fp16 scales; "
                         "0 counts grid bits only, as ModelOpt's auto_quantize does)")
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dev batch (mixed precision: a layer's formats; default recipe: the next 2 on its "
                         "ladder); cheaper than K forwards on small batches, K times the activation memory; "
                         "1: one per forward (the paper recipe always is)")
-    q.add_argument("--gamma", type=GAMMA, default=0.25, help="Stage-1 threshold: absolute WER %% rise that marks a layer")
+    q.add_argument("--gamma", type=GAMMA, default=0.25,
+                   help="Stage-1 threshold: absolute WER %% rise that marks a layer")
     q.add_argument("--grid", type=_grid, default=DEFAULT_GRID, help="cut-off grid p (percent), start:stop:step or list")
     q.add_argument("--num-bins", type=NUM_BINS, default=2048, help="histogram bins per activation quantizer")
     q.add_argument("--out", required=True, help="output directory")

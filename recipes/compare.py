@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from recipes.evaluation.asr import UtteranceErrors, forward_logits, intervals, paired_bootstrap
 from recipes.runtime.distributed import current_ranks
 from recipes.search.fastquant import fast_fake_quant
-from recipes.speech.models import SpeechModel, layer_inventory
 from recipes.search.layerwise import BASELINE_SPECS, PERCENTILE, calibrator_amax, run_layerwise, spec_label
 from recipes.search.stablequant import DevScorer, Settings, run_stablequant
+from recipes.speech.models import SpeechModel, layer_inventory
+
 
 def baseline_amax(cal, method: str) -> float:
     """One activation quantizer's amax by a baseline method, from its collected histogram."""
@@ -42,8 +43,8 @@ def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
     The default recipe evaluated them as its starts (weights per-channel max); for a paper run
     they are evaluated here from the run's histograms, the model left as the recipe chose.
     """
-    from sq_plugin.quantizers import activation_quantizers
     from sq_plugin.modelopt_private import calibrator_of
+    from sq_plugin.quantizers import activation_quantizers
 
     if result.recipe == "default":
         return {m: UtteranceErrors.from_json(result.dev_errors[f"{spec_label(*spec)}/max"])
@@ -55,7 +56,7 @@ def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
     try:
         with fast_fake_quant(model):
             for method in BASELINES:
-                for n, q in acts.items():
+                for _n, q in acts.items():
                     q.amax = baseline_amax(calibrator_of(q), method)
                 errors[method] = scorer.errors(outputs(model, scorer.batches))
     finally:
@@ -88,9 +89,8 @@ def compare_methods(
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from sq_plugin.quantizers import activation_quantizers
-
     from sq_plugin.modelopt_private import calibrator_of
+    from sq_plugin.quantizers import activation_quantizers
 
     test_scorer = DevScorer(sm, test)
     test_ids = [i for b in test for i in b.ids]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from recipes.runtime.atomic import require_writable
 from recipes.data.readers import make_batches, open_dataset
+from recipes.runtime.atomic import require_writable
 from recipes.runtime.device import batches_to, model_device, resolve_device, to_device
 from recipes.runtime.distributed import Ranks, barrier, init_ranks, ranks_from_env
 from recipes.speech.models import SpeechModel, resolve_model
@@ -91,8 +91,8 @@ def run_quantize(args) -> dict:
     settings = Settings(wbits=args.wbits or args.bits, abits=args.bits, gamma=args.gamma,
                         grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
     if getattr(args, "budget_bits", None) is not None:
-        from recipes.search.mixed import run_mixed_recipe
         from recipes.report import write_mixed_outputs
+        from recipes.search.mixed import run_mixed_recipe
 
         if args.recipe != "default":
             raise ValueError("--budget-bits calibrates activations with the default recipe; drop --recipe paper")
@@ -203,7 +203,7 @@ def run_eval(args) -> dict | None:
 def run_export(args) -> dict | None:
     if not _rank0_only("export"):
         return None
-    from recipes.export.onnx import require_tensorrt, build_trt_engine, export_onnx
+    from recipes.export.onnx import build_trt_engine, export_onnx, require_tensorrt
     from recipes.search.qconfig import load_config, quantize_copy
 
     if args.engine:

@@ -7,9 +7,9 @@ works, and exposes the calibrator registry (built-ins + pluggy entry-point group
 
 from calibrators import HistogramCalibratorBase
 
+from .algorithm import StableQuantCalibConfig, register, stablequant_calibrate
 from .formats import STABLEQUANT_INT8_CFG, stablequant_format
 from .hookspecs import hookimpl
-from .algorithm import StableQuantCalibConfig, register, stablequant_calibrate
 from .registry import (
     calibrator,
     calibrator_class,

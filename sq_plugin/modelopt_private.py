@@ -15,6 +15,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 
 from calibrators import HistogramCalibratorBase
 
+
 def calibrator_of(q: TensorQuantizer):
     """The quantizer's calibrator (None before one is configured)."""
     return getattr(q, "_calibrator", None)

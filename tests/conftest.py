@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from recipes.evaluation.asr import transcribe
 from recipes.data.readers import make_batches, open_dataset
+from recipes.evaluation.asr import transcribe
 from recipes.speech.models import random_model, remove_weight_norm
 
 

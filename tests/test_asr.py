@@ -6,8 +6,8 @@ import jiwer
 import pytest
 import torch
 
-from recipes.evaluation.asr import evaluate, greedy_ctc_decode, normalize_text, wer_cer
 from recipes.data.readers import Batch
+from recipes.evaluation.asr import evaluate, greedy_ctc_decode, normalize_text, wer_cer
 
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", "A", "B", "C", "'"]
 ID = {t: i for i, t in enumerate(VOCAB)}

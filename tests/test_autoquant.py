@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import sq_plugin
-from recipes.search.autoquant import ctc_targets, run_auto_quantize
 from recipes.data.readers import make_batches, open_dataset
 from recipes.demo import demo_data
-from recipes.speech.models import remove_weight_norm, resolve_model
+from recipes.search.autoquant import ctc_targets, run_auto_quantize
 from recipes.search.qconfig import calibration_loop
+from recipes.speech.models import remove_weight_norm, resolve_model
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 

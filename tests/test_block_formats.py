@@ -22,14 +22,13 @@ from recipes.evaluation.asr import forward_logits
 from recipes.search.fastquant import eligible, fake_quant_blocks, fast_fake_quant
 from recipes.search.layerwise import LogitDivergence
 from recipes.search.mixed import MENU, model_weight_bits, run_mixed
-from recipes.speech.models import random_model, remove_weight_norm
 from recipes.search.qconfig import calibration_loop, config_from_json, load_config
 from recipes.search.stablequant import DevScorer, Settings
+from recipes.speech.models import random_model, remove_weight_norm
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.config import QuantizerAttributeConfig  # noqa: E402
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
-
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SR = 16000
@@ -201,7 +200,7 @@ def test_model_weight_bits_counts_modelopt_int4_blockwise_with_its_padding():
     calib = torch.randn(1, SR, generator=torch.Generator().manual_seed(0))
     mtq.quantize(sm.model, mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, lambda m: m(calib))
     sizes, honest, grid = [], [], []
-    for name, m in sm.model.named_modules():
+    for _name, m in sm.model.named_modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)):
             w = m.weight
             on = m.weight_quantizer.is_enabled
@@ -281,9 +280,9 @@ def test_block_onnx_runs_in_ort_like_torch(blk):
     block weights stay ORT's DQ -> Conv (not lowered to the int8 GEMM, which needs one scale per
     output channel), the per-channel positional conv still is."""
     import onnxruntime as ort
+    from oracles import activation_step, torch_logits
 
     from recipes.export.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
-    from oracles import activation_step, torch_logits
 
     sm, info, proto = blk
     so = ort.SessionOptions()

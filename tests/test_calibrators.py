@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from oracles import _brute_force, _kept_sorted, _raw_mse
 
 from calibrators import (
     AbsHistogram,
@@ -13,7 +14,6 @@ from calibrators import (
     StableQuantCalibrator,
     stablequant_amax,
 )
-from oracles import _brute_force, _kept_sorted, _raw_mse
 
 ALL_CALIBRATORS = [
     StableQuantCalibrator,
@@ -370,7 +370,7 @@ def test_deferred_non_finite_reported_when_read_and_dropped():
     h.add(torch.tensor([1.0, float("inf")]))
     h.add(torch.tensor([3.0]))
     with pytest.raises(ValueError, match="non-finite"):
-        h.counts
+        _ = h.counts
     assert int(h.counts.sum()) == h.total == 2 and h.amax == 1.5  # back to the last good read
 
 

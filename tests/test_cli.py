@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from recipes.speech.models import random_model, save_model
 from recipes.cli import main
+from recipes.speech.models import random_model, save_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,12 @@ import pytest
 import soundfile as sf
 
 from recipes.data.readers import (
-    AudioError, detect_format, load_audio, make_batches, open_dataset, select_subset,
+    AudioError,
+    detect_format,
+    load_audio,
+    make_batches,
+    open_dataset,
+    select_subset,
 )
 
 SR = 16000

@@ -90,7 +90,8 @@ def test_array_struct_sentence_column_and_shards(tmp_path):
     saved = write_saved_dataset(tmp_path / "ds", {"audio": audio, "sentence": texts}, shards=2)
     utts = open_dataset(saved)
     assert [u.text for u in utts] == texts  # shard order kept
-    same_batches(make_batches(utts, MODEL), make_batches(open_dataset(plain_tsv(tmp_path, wavs, texts, [SR] * 3)), MODEL))
+    same_batches(make_batches(utts, MODEL),
+                 make_batches(open_dataset(plain_tsv(tmp_path, wavs, texts, [SR] * 3)), MODEL))
 
 
 def test_audio_given_as_paths_relative_to_the_directory(tmp_path):
@@ -106,12 +107,14 @@ def test_bad_datasets_directories_are_named(tmp_path):
     wavs, texts = clips()
     audio = [{"bytes": encoded(wavs[0], SR, "FLAC"), "path": "x.flac"}]
     no_text = write_saved_dataset(tmp_path / "no_text", {"audio": audio, "label": [3]})
-    with pytest.raises(ValueError, match=r"data-00000-of-00001.arrow: need an audio column .* found \['audio', 'label'\]"):
+    with pytest.raises(ValueError,
+                       match=r"data-00000-of-00001.arrow: need an audio column .* found \['audio', 'label'\]"):
         open_dataset(no_text)
     empty = write_saved_dataset(tmp_path / "empty", {"audio": audio, "text": ["  "]})
     with pytest.raises(ValueError, match=r"arrow#0: empty transcript"):
         open_dataset(empty)
-    broken = write_saved_dataset(tmp_path / "broken", {"audio": [{"bytes": b"not audio" * 20, "path": "x"}], "text": ["A"]})
+    broken = write_saved_dataset(tmp_path / "broken",
+                                 {"audio": [{"bytes": b"not audio" * 20, "path": "x"}], "text": ["A"]})
     with pytest.raises(AudioError, match=r"broken/data-00000-of-00001.arrow#0: cannot read audio"):
         make_batches(open_dataset(broken), MODEL)
     corrupt = write_saved_dataset(tmp_path / "corrupt", {"audio": audio, "text": ["A"]})

@@ -118,7 +118,8 @@ def test_two_gloo_ranks_decide_exactly_as_one_process(tmp_path):
     for mixed precision (--budget-bits) the same per-layer KL / CTC sensitivities, calibration-set
     WERs, allocation and config; outputs written once by rank 0; the 2-rank state file resumes in
     one process."""
-    code = "import json, sys\nfrom recipes.cli import main\nfor argv in json.loads(sys.argv[1]):\n    assert main(argv) == 0\n"
+    code = ("import json, sys\nfrom recipes.cli import main\n"
+            "for argv in json.loads(sys.argv[1]):\n    assert main(argv) == 0\n")
     runs = [_argv(recipe, tmp_path / f"two_{recipe}") for recipe in RECIPES]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launch = subprocess.Popen(

@@ -6,18 +6,18 @@ import os
 import re
 import warnings
 
+import modelopt.torch.quantization as mtq
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from oracles import SR, activation_step, dq_nodes, enabled_quantizers, quantized_tiny, quantizer_of, torch_logits
 
-import modelopt.torch.quantization as mtq
 from recipes.export import onnx as export
 from recipes.export.onnx import ExportError, build_trt_engine, export_onnx, quantize_like_ort, read_metadata
-from recipes.speech.models import random_model, remove_weight_norm
-from oracles import SR, activation_step, dq_nodes, enabled_quantizers, quantized_tiny, quantizer_of, torch_logits
 from recipes.export.onnx_runner import OnnxCTCModel, cpu_session_options, lower_qdq_conv_for_ort, run_eval_onnx
+from recipes.speech.models import random_model, remove_weight_norm
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -223,7 +223,8 @@ def test_ort_conv_lowering_is_the_exact_integer_conv(group, pad, stride):
         xq = np.pad(xq, ((0, 0), (0, 0), (pad, pad)))
         frames = (length + 2 * pad - kernel) // stride + 1
         ref = np.concatenate([
-            sum(np.einsum("oc,bct->bot", w[g * og:(g + 1) * og, :, k] * sw[g * og:(g + 1) * og, None].astype(np.float64),
+            sum(np.einsum("oc,bct->bot",
+                          w[g * og:(g + 1) * og, :, k] * sw[g * og:(g + 1) * og, None].astype(np.float64),
                           xq[:, g * cg:(g + 1) * cg, k::stride][:, :, :frames]) for k in range(kernel))
             for g in range(group)], axis=1)
         ref += bias[None, :, None]
@@ -406,8 +407,8 @@ def test_build_trt_engine_says_what_is_missing(int8, tmp_path):
 
 
 def test_onnx_model_plugs_into_evaluate(int8):
-    from recipes.evaluation.asr import evaluate
     from recipes.data.readers import Batch
+    from recipes.evaluation.asr import evaluate
 
     sm, path, _ = int8
     gen = torch.Generator().manual_seed(1)
@@ -433,9 +434,8 @@ def test_onnx_model_plugs_into_evaluate(int8):
 def test_equalized_cnn_exports_faithfully(tmp_path):
     """Per-channel equalisation (pre_quant_scale + scaled weights) keeps the float model's output
     and survives export: ONNX Runtime matches the torch fake-quant model."""
-    from recipes.search.qconfig import CNN_EQUALIZE, stablequant_config
-
     import sq_plugin  # noqa: F401
+    from recipes.search.qconfig import CNN_EQUALIZE, stablequant_config
 
     sm = random_model("tiny", seed=4)
     remove_weight_norm(sm.model)

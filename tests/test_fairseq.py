@@ -11,9 +11,9 @@ import re
 import pytest
 import torch
 
-from recipes.speech.models import random_config, resolve_model
 from recipes.speech import family_of
 from recipes.speech.fairseq_ctc import conv_layers_spec, load_fairseq_ctc
+from recipes.speech.models import random_config, resolve_model
 
 SYMBOLS = ["|"] + list("ETAONIHSRDLUMWCFGYPBVKXJQZ") + ["'"]  # 28 + 4 specials = 32 outputs
 

@@ -35,8 +35,8 @@ def test_model_outputs_identical_and_backend_restored():
     mtq = pytest.importorskip("modelopt.torch.quantization")
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from recipes.speech.models import random_model, remove_weight_norm
     from recipes.search.qconfig import calibration_loop, quant_cfg
+    from recipes.speech.models import random_model, remove_weight_norm
 
     sm = random_model("tiny", seed=2)
     model = remove_weight_norm(copy.deepcopy(sm.model))
@@ -62,8 +62,8 @@ def test_shifted_quantizers_stay_bitwise_equal():
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     import sq_plugin  # noqa: F401  (registers "stablequant": the test also passes when run alone)
-    from recipes.speech.models import random_model, remove_weight_norm
     from recipes.search.qconfig import calibration_loop, quant_cfg
+    from recipes.speech.models import random_model, remove_weight_norm
 
     sm = random_model("tiny", seed=3)
     model = remove_weight_norm(copy.deepcopy(sm.model))

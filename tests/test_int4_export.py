@@ -8,13 +8,12 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from oracles import activation_step, dq_nodes, quantized_tiny, quantizer_of, torch_logits
 
 from recipes.export import onnx as export
-from recipes.export.onnx import export_onnx, read_metadata
 from recipes.export.int4 import int4_tensor, int4_values, pack_int4, unpack_int4
+from recipes.export.onnx import export_onnx, read_metadata
 from recipes.export.onnx_runner import OnnxCTCModel, lower_qdq_conv_for_ort
-
-from oracles import activation_step, dq_nodes, quantized_tiny, quantizer_of, torch_logits
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -16,13 +16,12 @@ from calibrators import weight_block
 from recipes.evaluation.asr import decode_logits, forward_logits
 from recipes.search.layerwise import LogitDivergence
 from recipes.search.mixed import MENU, allocate, average_bits, choose_score, run_mixed
-from recipes.speech.models import remove_weight_norm
 from recipes.search.qconfig import calibration_loop
 from recipes.search.stablequant import DevScorer, Settings
+from recipes.speech.models import remove_weight_norm
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
-
 
 
 def _brute_force(scores, sizes, bits, budget):
@@ -217,7 +216,8 @@ def _hand_ctc(sm, batches, logits) -> float:
 def test_ctc_scores_match_hand_ctc_loss_and_auto_keeps_lower_dev_wer(setup, tmp_path):
     """A layer's CTC score = hand-computed CTC loss of a fresh mtq.quantize with only that layer
     quantized, minus fp32's; the final allocation's likewise. auto keeps the candidate with the
-    lower calibration-set WER (checked by jiwer on the re-applied config), and --mixed-score kl reproduces the KL candidate from the same state."""
+    lower calibration-set WER (checked by jiwer on the re-applied config), and --mixed-score kl
+    reproduces the KL candidate from the same state."""
     sm, calib, dev = setup
     state = tmp_path / "state.json"
     result = run_mixed(sm, calib, dev, 6.0, Settings(num_bins=256), progress=False, pareto_budgets=(),

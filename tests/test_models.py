@@ -8,7 +8,12 @@ import torch
 from torch.nn.utils import parametrize
 
 from recipes.speech.models import (
-    CHAR_VOCAB, layer_inventory, load_ctc_model, random_model, remove_weight_norm, resolve_model,
+    CHAR_VOCAB,
+    layer_inventory,
+    load_ctc_model,
+    random_model,
+    remove_weight_norm,
+    resolve_model,
     save_model,
 )
 
@@ -272,9 +277,9 @@ def test_save_pretrained_directory_transcribes_like_a_plain_transformers_script(
     import soundfile as sf
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
-    from recipes.evaluation.asr import transcribe
     from recipes.data.readers import make_batches, open_dataset
     from recipes.demo import DEMO_MODEL_DIR, demo_data
+    from recipes.evaluation.asr import transcribe
 
     model = Wav2Vec2ForCTC.from_pretrained(DEMO_MODEL_DIR).eval()
     processor = Wav2Vec2Processor.from_pretrained(DEMO_MODEL_DIR)

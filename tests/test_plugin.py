@@ -389,7 +389,8 @@ def test_fp8_quantizers_keep_max_calibration(tiny):
     assert len(fp8_names) >= 12  # q/k/v/out + 2 FFN, weights and inputs
     for n in fp8_names:
         assert tuple(q_ours[n].num_bits) == (4, 3)
-        assert q_ours[n].amax is not None and torch.equal(q_ours[n].amax, q_ref[n].amax), (n, q_ours[n].amax, q_ref[n].amax)
+        assert q_ours[n].amax is not None and torch.equal(q_ours[n].amax, q_ref[n].amax), \
+            (n, q_ours[n].amax, q_ref[n].amax)
     assert float(q_ours[CONV0].amax) < float(q_ref[CONV0].amax)  # integer: searched, below max
     with pytest.raises(ValueError, match=r"layers.0.attention.q_proj.input_quantizer: layer_calibrators names"):
         mtq.quantize(copy.deepcopy(model0), {"quant_cfg": quant_cfg, "algorithm": {

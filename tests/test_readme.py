@@ -50,8 +50,8 @@ def test_python_entry_point_snippet_runs_and_its_config_reapplies():
 
     from recipes.api import as_batches
     from recipes.runtime.device import batches_to
-    from recipes.speech.models import remove_weight_norm
     from recipes.search.qconfig import calibration_loop
+    from recipes.speech.models import remove_weight_norm
 
     scope: dict = {}
     exec(compile(_python_block_after("### The whole recipe from Python"), "README.md", "exec"), scope)
@@ -133,8 +133,8 @@ def test_model_family_snippet_loads_and_runs_a_model(monkeypatch, tmp_path):
 
     from test_speech_families import ToyCTC
 
-    from recipes.speech.models import resolve_model
     from recipes.speech import family_of, layer_inventory, register_family_plugin, unregister_family_plugin
+    from recipes.speech.models import resolve_model
 
     class MyCTC(ToyCTC):
         pass

@@ -15,11 +15,11 @@ import torch
 
 import sq_plugin  # noqa: F401
 from recipes.evaluation.asr import forward_logits
-from recipes.speech.models import remove_weight_norm
+from recipes.search.layerwise import run_layerwise
 from recipes.search.qconfig import calibration_loop, quantize_copy, stablequant_config
 from recipes.search.reuse import PrefixRunner
-from recipes.search.layerwise import run_layerwise
 from recipes.search.stablequant import DevScorer, Settings, parse_grid, run_stablequant
+from recipes.speech.models import remove_weight_norm
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from oracles import _brute_force, _kept_sorted, _raw_mse
 
 from calibrators import (

@@ -46,7 +46,8 @@ def _run_all(root) -> dict:
     out = {}
     for name, extra in {"default": [], "paper": ["--recipe", "paper"], "mixed": ["--budget-bits", "6"]}.items():
         assert main(["quantize", *m, *search, *extra, "--out", str(root / name)]) == 0
-        out[name] = {f: _plain(json.loads((root / name / f).read_text())) for f in ("report.json", "modelopt_config.json")}
+        out[name] = {f: _plain(json.loads((root / name / f).read_text()))
+                     for f in ("report.json", "modelopt_config.json")}
     assert main(["compare", *m, *search, "--test", data["test"], "--bits", "8", "--budgets", "6",
                  "--out", str(root / "cmp")]) == 0
     out["compare"] = _plain(json.loads((root / "cmp" / "compare.json").read_text()))

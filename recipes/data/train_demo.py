@@ -32,8 +32,15 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from transformers import (HubertConfig, HubertForCTC, Wav2Vec2Config, Wav2Vec2CTCTokenizer,
-                          Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor)
+from transformers import (
+    HubertConfig,
+    HubertForCTC,
+    Wav2Vec2Config,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    Wav2Vec2Processor,
+)
 
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(c) for c in range(65, 91)] + ["'"]
 CHAR2ID = {c: i for i, c in enumerate(VOCAB)}

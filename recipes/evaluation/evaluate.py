@@ -6,8 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-from recipes.evaluation.asr import evaluate
 from recipes.data.readers import Utterance, make_batches, open_dataset
+from recipes.evaluation.asr import evaluate
 from recipes.speech.models import SpeechModel, resolve_model
 
 log = logging.getLogger(__name__)

@@ -34,9 +34,17 @@ from onnx import numpy_helper
 from torch import nn
 from torch.onnx import symbolic_helper
 
-from recipes.runtime.atomic import atomic_output
-from recipes.export.graph import ExportError, attr, constant_values, consumer_index, graph_index, prune_unused, replace_nodes  # noqa: F401 (re-exported)
+from recipes.export.graph import (  # noqa: F401 (re-exported)
+    ExportError,
+    attr,
+    constant_values,
+    consumer_index,
+    graph_index,
+    prune_unused,
+    replace_nodes,
+)
 from recipes.export.int4 import block_qdq, lower_block_weights, pack_int4_weights, weight_block_spec
+from recipes.runtime.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +109,8 @@ def quant_specs(model: nn.Module) -> dict[str, QuantSpec]:
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    from sq_plugin.quantizers import E4M3, is_float_format
-
     from sq_plugin.modelopt_private import quantizes, static_amax
+    from sq_plugin.quantizers import E4M3, is_float_format
 
     specs = {}
     for name, q in model.named_modules():
@@ -442,7 +449,8 @@ def fold_input_shifts(model_proto: onnx.ModelProto) -> int:
             if user.op_type == "Conv" and user.input[0] == add.output[0] and not any(attr(user, "pads", [0])):
                 w = _dequantized_weight(user.input[1], producers, consts)
                 if w is not None and (len(user.input) < 3 or user.input[2] in consts):
-                    bias = consts[user.input[2]] if len(user.input) > 2 and user.input[2] else np.zeros(w.shape[0], np.float32)
+                    bias = (consts[user.input[2]] if len(user.input) > 2 and user.input[2]
+                            else np.zeros(w.shape[0], np.float32))
                     plan = (user, 2, bias + shift * w.reshape(w.shape[0], -1).sum(axis=1))
             elif user.op_type == "MatMul" and user.input[0] == add.output[0]:
                 w = _dequantized_weight(user.input[1], producers, consts)
@@ -550,8 +558,8 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
                 key = META_PREFIX + "container_note"
                 rest = _container_note({n: s for n, s in specs.items()
                                         if not (n.endswith("weight_quantizer") and s.num_bits <= 4)})
-                meta[key] = " ".join(filter(None, [f"{packed + blocked} weights on 4-bit grids are stored packed as ONNX "
-                                                   "INT4 (opset 21), two per byte"
+                meta[key] = " ".join(filter(None, [f"{packed + blocked} weights on 4-bit grids are stored packed "
+                                                   "as ONNX INT4 (opset 21), two per byte"
                                                    + (f" ({blocked} with one scale per block)." if blocked else "."),
                                                    rest, fp8_note, bits_note]))
                 meta[META_PREFIX + "int4_weights"] = str(packed + blocked)

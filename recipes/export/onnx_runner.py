@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.export.onnx import load_onnx, read_metadata
 from recipes.export.graph import constant_values, prune_unused
+from recipes.export.onnx import load_onnx, read_metadata
 
 MIN_IM2COL_DEPTH = 64  # Cin*kernel below this (the 1-channel waveform conv) gains nothing
 
@@ -309,8 +309,8 @@ def run_eval_onnx(onnx_path: str | Path, data=None, model: str | Path | None = "
     """
     import time
 
-    from recipes.evaluation.asr import evaluate
     from recipes.data.readers import make_batches
+    from recipes.evaluation.asr import evaluate
     from recipes.evaluation.evaluate import format_table, load_eval_data
 
     runner = OnnxCTCModel(onnx_path, providers=providers)

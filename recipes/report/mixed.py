@@ -60,7 +60,8 @@ def mixed_markdown(result, meta: dict) -> str:
         "",
         f"**Allocated by {result.score}** ({result.score_reason}). Dev KL to fp32: predicted (sum of per-layer "
         f"KLs) {result.predicted_kl:.5f}, measured {result.final_kl:.5f}; dev CTC loss minus fp32's: predicted "
-        f"{result.predicted_ctc:+.4f}, measured {result.final_ctc:+.4f}. Calibration {meta.get('calib_utterances')} utts, dev {meta.get('dev_utterances')} "
+        f"{result.predicted_ctc:+.4f}, measured {result.final_ctc:+.4f}. "
+        f"Calibration {meta.get('calib_utterances')} utts, dev {meta.get('dev_utterances')} "
         f"utts; {result.evaluations} dev evaluations in {meta.get('seconds')} s "
         f"(phases: {', '.join(f'{k} {v:.0f} s' for k, v in result.seconds.items())}).",
         "",
@@ -115,7 +116,8 @@ def write_mixed_outputs(out_dir: Path, result, meta: dict) -> str:
 
 def mixed_compare_markdown(table: dict) -> str:
     rows = [[f"mixed, budget {b}", r.get("score", "kl"), f"{r['avg_weight_bits']:.2f}",
-             f"{r['compression_vs_fp32']:.2f}×", r["dev_wer"], r["test_wer"], ci_text(r["vs_fp32"]), ", ".join(f"{k} ×{n}" for k, n in r["formats"].items())]
+             f"{r['compression_vs_fp32']:.2f}×", r["dev_wer"], r["test_wer"], ci_text(r["vs_fp32"]),
+             ", ".join(f"{k} ×{n}" for k, n in r["formats"].items())]
             for b, r in table["mixed"].items()]
     return "\n".join([
         "## Mixed precision under a size budget (`--budgets`)", "",

@@ -142,7 +142,8 @@ def plot_activation_ranges(result, path: Path) -> None:
         if name in marked:
             label.set_color("tab:red")
             label.set_fontweight("bold")
-    ax.set_xlabel("quantized layer (input activation), model order" + (" — marked layers in bold red" if marked else ""),
+    ax.set_xlabel("quantized layer (input activation), model order"
+                  + (" — marked layers in bold red" if marked else ""),
                   fontsize=9)
     ax.scatter([], [], color="black", marker="x", label="chosen range top")
     ax.set_ylabel("|activation| (median–p99 bar, p99.99 tick, max ▲)")

@@ -40,10 +40,17 @@ from tqdm.auto import tqdm
 from recipes.evaluation.asr import forward_logits
 from recipes.runtime.distributed import DevShard, current_ranks
 from recipes.search.fastquant import fast_fake_quant
-from recipes.speech.models import SpeechModel
 from recipes.search.reuse import PrefixRunner
-from recipes.search.stablequant import (Settings, base_config, begin_recipe, calibrated_copy, folded_weight_quantizers,
-                          histogram_arrays, result_json)
+from recipes.search.stablequant import (
+    Settings,
+    base_config,
+    begin_recipe,
+    calibrated_copy,
+    folded_weight_quantizers,
+    histogram_arrays,
+    result_json,
+)
+from recipes.speech.models import SpeechModel
 
 log = logging.getLogger(__name__)
 

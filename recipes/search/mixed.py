@@ -55,15 +55,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sq_plugin.quantizers import E4M3
-
 from recipes.evaluation.asr import forward_logits
 from recipes.runtime.distributed import broadcast_from_main, current_ranks
 from recipes.search.fastquant import fake_quant_blocks, fake_quant_int, fast_fake_quant
 from recipes.search.layerwise import CANDIDATES, SHIFT, LogitDivergence, run_layerwise, spec_entry, spec_label
-from recipes.speech.models import SpeechModel, layer_inventory
 from recipes.search.reuse import PrefixRunner
 from recipes.search.stablequant import DevScorer, Settings, begin_recipe, result_json
+from recipes.speech.models import SpeechModel, layer_inventory
+from sq_plugin.quantizers import E4M3
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +129,8 @@ def model_weight_bits(model: torch.nn.Module, scale_bits: float = SCALE_BITS) ->
     num_bits, plus ``scale_bits`` per stored scale for a block quantizer (its amax has one per
     block, padded blocks included); 16 where the weight is not quantized. The same count for our
     allocations and for ``mtq.auto_quantize``'s, whatever formats they chose."""
-    from sq_plugin.quantizers import is_float_format
     from sq_plugin.modelopt_private import quantizes, static_amax
+    from sq_plugin.quantizers import is_float_format
 
     modules = dict(model.named_modules())
     sizes, bits = [], []
@@ -434,12 +433,12 @@ def run_mixed(
     that many copies of each dev batch (:meth:`PrefixRunner.run_variants`; 1: one at a time, the
     least memory). ``base_state_path``: a state file of the default recipe at W8A8 on the same model,
     data and settings (``compare``'s own 8-bit run), resumed instead of searching again (default:
-    ``state_w8a8.json`` beside ``state_path``). ``score``: ``kl`` or ``ctc`` allocates with that sensitivity; ``auto`` verifies both and keeps
-    the lower WER on the calibration utterances (ties: ``kl``; :func:`choose_score`). Both scores are always computed (same forwards) and stored.
+    ``state_w8a8.json`` beside ``state_path``). ``score``: ``kl`` or ``ctc`` allocates with that
+    sensitivity; ``auto`` verifies both and keeps the lower WER on the calibration utterances (ties:
+    ``kl``; :func:`choose_score`). Both scores are always computed (same forwards) and stored.
     """
-    from recipes.search.autoquant import CtcLossChange
-
     from calibrators import per_block_mse_amax, per_channel_mse_amax, weight_block
+    from recipes.search.autoquant import CtcLossChange
     from sq_plugin import calibrator_class
     from sq_plugin.modelopt_private import calibrator_of
 
@@ -712,8 +711,7 @@ def run_mixed_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, budget_bit
                      seed: int = 0, progress: bool = True, block_scale_bits: float = SCALE_BITS,
                      score: str = "auto", variants_per_forward: int = 8) -> tuple[MixedResult, dict]:
     """:func:`run_mixed` plus the report meta: dev WERs with paired-bootstrap intervals vs fp32."""
-    from recipes.evaluation.asr import UtteranceErrors
-    from recipes.evaluation.asr import intervals
+    from recipes.evaluation.asr import UtteranceErrors, intervals
 
     start = time.perf_counter()
     result = run_mixed(sm, calib, dev, budget_bits, settings, state_path=state_path, resume=resume,

@@ -43,6 +43,11 @@ def quant_cfg(wbits: int = 8, abits: int = 8, disable: Sequence[str] = ()) -> li
         # ModelOpt also wraps LayerNorm; the paper (and TensorRT's fused kernels) quantize only
         # the inputs of Conv1d/Linear layers
         {"quantizer_name": "*layer_norm*", "enable": False},
+        # ... and, by class, what other families hold under other names: SEW-D's DeBERTa-style
+        # "LayerNorm"s and relative-position Embedding, SEW's AvgPool1d squeeze, the conformer's
+        # BatchNorm1d
+        *({"quantizer_name": "*", "parent_class": cls, "enable": False}
+          for cls in ("nn.LayerNorm", "nn.Embedding", "nn.AvgPool1d", "nn.BatchNorm1d")),
     ]
     cfg += [{"quantizer_name": pattern, "enable": False} for pattern in disable]
     return cfg

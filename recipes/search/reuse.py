@@ -30,6 +30,10 @@ class _StopForward(Exception):
     """Raised by a capture hook once the wanted block output is stored."""
 
 
+class _NotBatchFirst(ValueError):
+    """A module of run_variants got an input whose rows are not the k copies of the batch."""
+
+
 @dataclass(frozen=True)
 class CutPoint:
     """Blocks served from cache: ``feature_extractor`` flag, last cached conv / encoder layer."""
@@ -149,7 +153,9 @@ class PrefixRunner:
         variants in one forward of k copies of the batch cost about half of k forwards on the CPU.
         The batch goes in k times over; the module computes copy i in form i. Exact only for
         models that treat utterances independently, as SFMs do at inference (the rows of a batch
-        never mix); a module whose input is not batch-first is refused.
+        never mix). A module that is also fed something other than the batch rows (SEW-D's
+        query/key projections also project the shared relative position embeddings, one row for
+        the whole batch) cannot compute k forms side by side: its variants run one per forward.
         """
         k = len(variants)
         if k == 1:
@@ -165,7 +171,7 @@ class PrefixRunner:
 
             def forward(mod, x, *args, _rows=rows, **kwargs):
                 if x.shape[0] != k * _rows:
-                    raise ValueError(f"{module_path}: input of {x.shape[0]} rows for {k} variants of a batch of "
+                    raise _NotBatchFirst(f"{module_path}: input of {x.shape[0]} rows for {k} variants of a batch of "
                                      f"{_rows} utterances (is its input batch-first?)")
                 parts = []
                 for chunk, variant in zip(x.chunk(k), variants):
@@ -176,13 +182,25 @@ class PrefixRunner:
             module.forward = types.MethodType(forward, module)
             try:
                 logits = self._run_stubbed(cut, b, batch.repeat(k), repeat=k)
+            except _NotBatchFirst:
+                logits = None
             finally:
                 if own is None:
                     del module.forward
                 else:
                     module.forward = own
+            if logits is None:
+                return self._variants_one_by_one(module_path, variants)
             for out, part in zip(outputs, logits.chunk(k)):
                 out.append(part)
+        return outputs
+
+    def _variants_one_by_one(self, module_path: str,
+                             variants: Sequence[Callable[[], None]]) -> list[list[torch.Tensor]]:
+        outputs = []
+        for variant in variants:
+            variant()
+            outputs.append(self.run(module_path))
         return outputs
 
     def clear(self) -> None:

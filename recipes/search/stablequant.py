@@ -23,14 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from recipes.evaluation.asr import UtteranceErrors, decode_logits, forward_logits, utterance_errors
-from recipes.speech.text import text_codec
 from recipes.runtime.atomic import write_json_atomic
 from recipes.runtime.distributed import DevShard, barrier, current_ranks
 from recipes.search.fastquant import fast_fake_quant
-from recipes.speech.models import SpeechModel, layer_inventory
-from recipes.search.qconfig import quantize_copy, stablequant_config
 from recipes.search.grid import parse_grid, validate_grid
+from recipes.search.qconfig import quantize_copy, stablequant_config
 from recipes.search.reuse import PrefixRunner
+from recipes.speech.models import SpeechModel, layer_inventory
+from recipes.speech.text import text_codec
 
 log = logging.getLogger(__name__)
 

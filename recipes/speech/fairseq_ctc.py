@@ -253,7 +253,8 @@ def load_fairseq_ctc(path: str | Path) -> SpeechModel:
 
     enc = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     # newer fairseq/torch store the positional conv's weight norm as a parametrization
-    for new, old in (("weight_g", "parametrizations.weight.original0"), ("weight_v", "parametrizations.weight.original1")):
+    for new, old in (("weight_g", "parametrizations.weight.original0"),
+                     ("weight_v", "parametrizations.weight.original1")):
         if f"encoder.pos_conv.0.{old}" in enc:
             enc[f"encoder.pos_conv.0.{new}"] = enc.pop(f"encoder.pos_conv.0.{old}")
     try:
@@ -261,7 +262,8 @@ def load_fairseq_ctc(path: str | Path) -> SpeechModel:
         ffn = enc["encoder.layers.0.fc1.weight"].shape[0]
         pos_v = enc["encoder.pos_conv.0.weight_v"]
     except KeyError as e:
-        raise ValueError(f"{path}: missing weight {ENCODER_PREFIX}{e.args[0]} (not a wav2vec2/HuBERT encoder)") from None
+        raise ValueError(f"{path}: missing weight {ENCODER_PREFIX}{e.args[0]} "
+                         "(not a wav2vec2/HuBERT encoder)") from None
     n_layers = 1 + max(int(k.split(".")[2]) for k in enc if k.startswith("encoder.layers."))
     conv = conv_layers_spec(settings["conv_feature_layers"], path)
     if conv[-1][0] != conv_out:
