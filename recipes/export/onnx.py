@@ -479,6 +479,123 @@ def fold_input_shifts(model_proto: onnx.ModelProto) -> int:
     return folded
 
 
+def _export_target(model, opset: int) -> tuple[object | None, nn.Module]:
+    """(SpeechModel or None, the module to trace), after refusing an opset our Q/DQ cannot use."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} < {MIN_OPSET}: per-channel int8 Q/DQ needs opset >= 13 "
+                          f"and LayerNormalization >= 17")
+    speech = None if isinstance(model, nn.Module) else model  # a SpeechModel: has decoder facts
+    net = model if speech is None else getattr(speech, "model", None)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"expected an nn.Module or SpeechModel, got {type(model).__name__}")
+    return speech, net
+
+
+def _precision_notes(specs: dict[str, QuantSpec], allow_fp32: bool,
+                     opset: int) -> tuple[str | None, str | None, int]:
+    """(container note, FP8 note, opset): what the file's storage means, and the opset FP8 needs.
+
+    Refuses a model without quantizers unless a float export was asked for; warns about narrow
+    grids in the int8 container, since their accuracy is not int8's.
+    """
+    if not specs and not allow_fp32:
+        raise ExportError("model has no enabled quantizer with a calibrated amax; quantize it "
+                          "first (mtq.quantize) or pass allow_fp32=True for a float export")
+    note = _container_note({n: s for n, s in specs.items() if s.block is None})  # blocks: always INT4
+    if note:
+        log.warning("ONNX export: %s", note)
+
+    fp8, fp8_note = sum(spec.fp8 for spec in specs.values()), None
+    if fp8:
+        opset = max(opset, FP8_OPSET)
+        fp8_note = (f"{fp8} quantizers are FP8 E4M3 (scale amax/448, float8 weights): ONNX Runtime's "
+                    "CPU EP computes them in fp32 after DequantizeLinear; TensorRT runs FP8 on Ada/Hopper.")
+        note = " ".join(filter(None, [note, fp8_note]))
+    return note, fp8_note, opset
+
+
+def _precision(specs: dict[str, QuantSpec]) -> str:
+    """The file's precision label: int8-qdq, fp8-qdq, int8+fp8-qdq, or fp32 without quantizers."""
+    fp8 = sum(spec.fp8 for spec in specs.values())
+    return ("int8-qdq" if not fp8 else "fp8-qdq" if fp8 == len(specs) else "int8+fp8-qdq") \
+        if specs else "fp32"
+
+
+def _file_metadata(specs: dict[str, QuantSpec], speech, net: nn.Module, family, note: str | None,
+                   bits_note: str | None, metadata: dict[str, str] | None) -> dict[str, str]:
+    """The metadata_props the file carries, so it is self-describing: precision, quantizer count,
+    bit widths, decoder/front-end facts, the storage notes, then the caller's own key/values."""
+    meta = {META_PREFIX + "precision": _precision(specs),
+            META_PREFIX + "num_quantizers": str(len(specs)),
+            META_PREFIX + "bits": json.dumps(sorted({s.num_bits for s in specs.values()}))}
+    meta.update(_speech_metadata(speech, net, family))
+    if note or bits_note:
+        meta[META_PREFIX + "container_note"] = " ".join(filter(None, [note, bits_note]))
+    meta.update(metadata or {})
+    return meta
+
+
+def _trace_sample(net: nn.Module, speech, sample_seconds: float) -> torch.Tensor:
+    """Random audio to trace with, on the model's device: at least 400 samples (one frame of a
+    wav2vec2-style conv front end), and batch 2 so nothing gets specialised to a single-item batch."""
+    sampling_rate = int(getattr(speech, "sampling_rate", 16000))
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    return torch.randn(2, max(int(sample_seconds * sampling_rate), 400), device=device)
+
+
+def _trace(net: nn.Module, family, specs: dict[str, QuantSpec], sample: torch.Tensor, path: Path,
+           opset: int) -> None:
+    """torch.onnx.export of the family's export module, every enabled quantizer emitting our Q/DQ;
+    batch and length stay dynamic."""
+    with torch.no_grad(), _qdq_backend(net, specs), family.export_context(net), warnings.catch_warnings():
+        # Shape checks in HF code are traced as constants; the dynamic axes are tested.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            family.export_module(net), (sample,), str(path), input_names=["input_values"],
+            output_names=["logits"], opset_version=opset, dynamo=False,
+            dynamic_axes={"input_values": {0: "batch", 1: "samples"},
+                          "logits": {0: "batch", 1: "frames"}},
+        )
+
+
+def _rewrite_graph(proto: onnx.ModelProto, pack_int4: bool) -> tuple[int, int, int]:
+    """The traced graph made deployable: weights stored quantized (int8/FP8 initialisers in MatMul
+    layout), shifts folded into biases so TensorRT can fuse, 4-bit weights packed as INT4.
+
+    Returns (weights folded, weights packed INT4 from the int8 container, block weights lowered).
+    """
+    levels: dict[str, tuple[int, int]] = {}
+    folded = fold_weight_quantizers(proto, levels)
+    absorb_weight_transposes(proto)
+    fold_input_shifts(proto)
+    packed = pack_int4_weights(proto, levels) if pack_int4 else 0
+    blocked = lower_block_weights(proto)  # block weights are always packed INT4
+    return folded, packed, blocked
+
+
+def _note_int4_storage(meta: dict[str, str], specs: dict[str, QuantSpec], packed: int, blocked: int,
+                       fp8_note: str | None, bits_note: str | None) -> None:
+    """Rewrite the container note once weights are packed INT4: the int8-container note then
+    describes only the quantizers that stayed in int8."""
+    key = META_PREFIX + "container_note"
+    rest = _container_note({n: s for n, s in specs.items()
+                            if not (n.endswith("weight_quantizer") and s.num_bits <= 4)})
+    meta[key] = " ".join(filter(None, [f"{packed + blocked} weights on 4-bit grids are stored packed "
+                                       "as ONNX INT4 (opset 21), two per byte"
+                                       + (f" ({blocked} with one scale per block)." if blocked else "."),
+                                       rest, fp8_note, bits_note]))
+    meta[META_PREFIX + "int4_weights"] = str(packed + blocked)
+
+
+def _write_checked(proto: onnx.ModelProto, meta: dict[str, str], path: Path) -> None:
+    """Metadata and producer into the model, save it, and have the ONNX checker read the file back."""
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "sq-plugin"
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))
+
+
 def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, opset: int = MIN_OPSET,
                 allow_fp32: bool = False, bits_note: str | None = None,
                 metadata: dict[str, str] | None = None, pack_int4: bool = True) -> dict:
@@ -493,82 +610,27 @@ def export_onnx(model, out_path: str | Path, *, sample_seconds: float = 1.0, ops
     """
     from recipes.speech import family_of, remove_weight_norm
 
-    if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} < {MIN_OPSET}: per-channel int8 Q/DQ needs opset >= 13 "
-                          f"and LayerNormalization >= 17")
-    speech = None if isinstance(model, nn.Module) else model  # a SpeechModel: has decoder facts
-    net = model if speech is None else getattr(speech, "model", None)
-    if not isinstance(net, nn.Module):
-        raise TypeError(f"expected an nn.Module or SpeechModel, got {type(model).__name__}")
-
+    speech, net = _export_target(model, opset)
     # Weight-norm parametrization would be exported as its g*v/|v| computation on every run.
     remove_weight_norm(net)
     specs = quant_specs(net)
-    if not specs and not allow_fp32:
-        raise ExportError("model has no enabled quantizer with a calibrated amax; quantize it "
-                          "first (mtq.quantize) or pass allow_fp32=True for a float export")
-    note = _container_note({n: s for n, s in specs.items() if s.block is None})  # blocks: always INT4
-    if note:
-        log.warning("ONNX export: %s", note)
-
-    fp8, fp8_note = sum(spec.fp8 for spec in specs.values()), None
-    if fp8:
-        opset = max(opset, FP8_OPSET)
-        fp8_note = (f"{fp8} quantizers are FP8 E4M3 (scale amax/448, float8 weights): ONNX Runtime's "
-                    "CPU EP computes them in fp32 after DequantizeLinear; TensorRT runs FP8 on Ada/Hopper.")
-        note = " ".join(filter(None, [note, fp8_note]))
-    precision = ("int8-qdq" if not fp8 else "fp8-qdq" if fp8 == len(specs) else "int8+fp8-qdq") \
-        if specs else "fp32"
-    meta = {META_PREFIX + "precision": precision,
-            META_PREFIX + "num_quantizers": str(len(specs)),
-            META_PREFIX + "bits": json.dumps(sorted({s.num_bits for s in specs.values()}))}
+    note, fp8_note, opset = _precision_notes(specs, allow_fp32, opset)
     family = family_of(net)
-    meta.update(_speech_metadata(speech, net, family))
-    if note or bits_note:
-        meta[META_PREFIX + "container_note"] = " ".join(filter(None, [note, bits_note]))
-    meta.update(metadata or {})
+    meta = _file_metadata(specs, speech, net, family, note, bits_note, metadata)
 
     out_path = Path(out_path)
-    sampling_rate = int(getattr(speech, "sampling_rate", 16000))
-    # Batch 2 at trace time so nothing gets specialised to a single-item batch.
-    device = next((p.device for p in net.parameters()), torch.device("cpu"))
-    sample = torch.randn(2, max(int(sample_seconds * sampling_rate), 400), device=device)
+    sample = _trace_sample(net, speech, sample_seconds)
     was_training = net.training
     try:
         net.eval()
         with atomic_output(out_path) as tmp:
-            with torch.no_grad(), _qdq_backend(net, specs), family.export_context(net), \
-                    warnings.catch_warnings():
-                # Shape checks in HF code are traced as constants; the dynamic axes are tested.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                torch.onnx.export(
-                    family.export_module(net), (sample,), str(tmp), input_names=["input_values"],
-                    output_names=["logits"], opset_version=opset, dynamo=False,
-                    dynamic_axes={"input_values": {0: "batch", 1: "samples"},
-                                  "logits": {0: "batch", 1: "frames"}},
-                )
+            _trace(net, family, specs, sample, tmp, opset)
             proto = onnx.load(str(tmp))
-            levels: dict[str, tuple[int, int]] = {}
-            folded = fold_weight_quantizers(proto, levels)
-            absorb_weight_transposes(proto)
-            fold_input_shifts(proto)
-            packed = pack_int4_weights(proto, levels) if pack_int4 else 0
-            blocked = lower_block_weights(proto)  # block weights are always packed INT4
+            folded, packed, blocked = _rewrite_graph(proto, pack_int4)
             if packed or blocked:
-                key = META_PREFIX + "container_note"
-                rest = _container_note({n: s for n, s in specs.items()
-                                        if not (n.endswith("weight_quantizer") and s.num_bits <= 4)})
-                meta[key] = " ".join(filter(None, [f"{packed + blocked} weights on 4-bit grids are stored packed "
-                                                   "as ONNX INT4 (opset 21), two per byte"
-                                                   + (f" ({blocked} with one scale per block)." if blocked else "."),
-                                                   rest, fp8_note, bits_note]))
-                meta[META_PREFIX + "int4_weights"] = str(packed + blocked)
+                _note_int4_storage(meta, specs, packed, blocked, fp8_note, bits_note)
             fp8_weights = sum(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in proto.graph.initializer)
-            for key, value in meta.items():
-                proto.metadata_props.add(key=key, value=value)
-            proto.producer_name = "sq-plugin"
-            onnx.save(proto, str(tmp))
-            onnx.checker.check_model(str(tmp))
+            _write_checked(proto, meta, tmp)
     finally:
         net.train(was_training)
     log.info("ONNX export: %s (%d quantizers, %d weights stored as int8)", out_path, len(specs),
