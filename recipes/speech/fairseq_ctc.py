@@ -230,10 +230,9 @@ def hf_key(key: str) -> str | None:
     return simple.get(key)
 
 
-def load_fairseq_ctc(path: str | Path) -> SpeechModel:
-    """A fairseq wav2vec2/HuBERT CTC checkpoint as a Hugging Face module with fairseq's vocabulary."""
-    import transformers
-
+def _checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """The checkpoint and the ``dict.ltr.txt`` beside it: both must exist before anything is read
+    (without the dictionary the CTC head's outputs have no meaning)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"fairseq checkpoint not found: {path}")
@@ -241,22 +240,37 @@ def load_fairseq_ctc(path: str | Path) -> SpeechModel:
     if not dict_path.is_file():
         raise FileNotFoundError(f"{path}: dict.ltr.txt missing beside the checkpoint (fairseq's target "
                                 "dictionary: the vocabulary)")
-    ckpt = read_checkpoint(path)
+    return path, dict_path
+
+
+def _ctc_state_dict(ckpt: dict, path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``model`` weights, refused unless they are tensors with a CTC head
+    (a pre-trained checkpoint has an encoder but cannot transcribe)."""
     state = ckpt.get("model")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: no 'model' state dict of tensors (not a fairseq checkpoint)")
     if HEAD_PREFIX + "weight" not in state:
         raise ValueError(f"{path}: no CTC head ({HEAD_PREFIX}weight): a pre-trained, not a CTC fine-tuned, "
                          "checkpoint cannot transcribe")
-    settings, model_name = model_settings(ckpt)
-    vocab = read_dictionary(dict_path)
+    return state
 
+
+def _encoder_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's weights with their prefix stripped, the positional conv's weight norm always
+    under fairseq's classic ``weight_g`` / ``weight_v`` names."""
     enc = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     # newer fairseq/torch store the positional conv's weight norm as a parametrization
     for new, old in (("weight_g", "parametrizations.weight.original0"),
                      ("weight_v", "parametrizations.weight.original1")):
         if f"encoder.pos_conv.0.{old}" in enc:
             enc[f"encoder.pos_conv.0.{new}"] = enc.pop(f"encoder.pos_conv.0.{old}")
+    return enc
+
+
+def _encoder_geometry(enc: dict[str, torch.Tensor], settings: dict,
+                      path: Path) -> tuple[int, int, torch.Tensor, int, list[tuple[int, int, int]]]:
+    """(hidden size, FFN size, positional conv ``weight_v``, layer count, conv layers): the sizes
+    the weights reveal, with the settings' conv stack checked against the projection it feeds."""
     try:
         hidden, conv_out = enc["post_extract_proj.weight"].shape
         ffn = enc["encoder.layers.0.fc1.weight"].shape[0]
@@ -269,34 +283,47 @@ def load_fairseq_ctc(path: str | Path) -> SpeechModel:
     if conv[-1][0] != conv_out:
         raise ValueError(f"{path}: conv_feature_layers ends in {conv[-1][0]} channels but post_extract_proj "
                          f"takes {conv_out}")
-    vocab_size = state[HEAD_PREFIX + "weight"].shape[0]
+    return hidden, ffn, pos_v, n_layers, conv
+
+
+def _fit_vocab(vocab: list[str], vocab_size: int, path: Path, dict_path: Path) -> list[str]:
+    """The dictionary made as long as the CTC head: fewer outputs than tokens is an error, extra
+    outputs (fairseq pads its dictionary) decode as ``<unused_N>``."""
     if vocab_size < len(vocab):
         raise ValueError(f"{path}: the CTC head has {vocab_size} outputs but {dict_path} gives {len(vocab)} tokens")
     if vocab_size > len(vocab):
         log.warning("%s: CTC head has %d outputs, %s %d tokens; the extra ids decode as <unused_N>",
                     path, vocab_size, dict_path, len(vocab))
         vocab += [f"<unused_{i}>" for i in range(vocab_size - len(vocab))]
+    return vocab
 
+
+def _hf_config(settings: dict, model_name: str, enc: dict[str, torch.Tensor], vocab_size: int,
+               geometry: tuple) -> tuple[str, dict]:
+    """(architecture, config keyword arguments) of the Hugging Face module that holds these
+    weights: HuBERT or wav2vec2, sizes from the weights, the rest from the settings."""
+    hidden, ffn, pos_v, n_layers, conv = geometry
     hubert = "hubert" in model_name.lower()
     arch = "HubertForCTC" if hubert else "Wav2Vec2ForCTC"
-    layer_norm_cnn = settings["extractor_mode"] == "layer_norm"
     params = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layers, intermediate_size=ffn,
         num_attention_heads=int(settings["encoder_attention_heads"]),
         conv_dim=[c[0] for c in conv], conv_kernel=[c[1] for c in conv], conv_stride=[c[2] for c in conv],
         conv_bias="feature_extractor.conv_layers.0.0.bias" in enc,
-        feat_extract_norm="layer" if layer_norm_cnn else "group",
+        feat_extract_norm="layer" if settings["extractor_mode"] == "layer_norm" else "group",
         do_stable_layer_norm=bool(settings["layer_norm_first"]),
         num_conv_pos_embeddings=pos_v.shape[2], num_conv_pos_embedding_groups=hidden // pos_v.shape[1],
         hidden_act=str(settings["activation_fn"]), pad_token_id=0, architectures=[arch],
     )
     if hubert:
         params["feat_proj_layer_norm"] = True
-    config_cls = transformers.HubertConfig if hubert else transformers.Wav2Vec2Config
-    model_cls = getattr(transformers, arch)
-    model = remove_weight_norm(model_cls(config_cls(**params))).float().eval()
-    base = model.base_model_prefix
+    return arch, params
 
+
+def _hf_state_dict(enc: dict[str, torch.Tensor], state: dict[str, torch.Tensor], base: str,
+                   path: Path) -> dict[str, torch.Tensor]:
+    """The encoder and head weights under Hugging Face names (``base``: the model's base prefix),
+    with a warning naming the checkpoint's weights the CTC model does not use."""
     mapped, unused = {}, []
     for key, value in enc.items():
         new = hf_key(key)
@@ -307,12 +334,18 @@ def load_fairseq_ctc(path: str | Path) -> SpeechModel:
         mapped[f"{base}.{new}"] = value
     # fairseq keeps weight norm (dim 2) as g and v: fold them as torch itself computes the weight
     mapped[f"{base}.encoder.pos_conv_embed.conv.weight"] = torch._weight_norm(
-        pos_v, enc["encoder.pos_conv.0.weight_g"], 2)
+        enc["encoder.pos_conv.0.weight_v"], enc["encoder.pos_conv.0.weight_g"], 2)
     mapped["lm_head.weight"] = state[HEAD_PREFIX + "weight"]
     mapped["lm_head.bias"] = state[HEAD_PREFIX + "bias"]
     unused += [k for k in state if not k.startswith(ENCODER_PREFIX) and not k.startswith(HEAD_PREFIX)]
     if unused:
         log.warning("%s: ignoring %d weights the CTC model does not use, e.g. %s", path, len(unused), unused[:3])
+    return mapped
+
+
+def _load_weights(model: torch.nn.Module, mapped: dict[str, torch.Tensor], path: Path) -> None:
+    """load_state_dict with errors that name the checkpoint: weights that do not fit the
+    architecture, or parameters it has no weight for (``masked_spec_embed`` aside: training only)."""
     try:
         result = model.load_state_dict(mapped, strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -321,9 +354,30 @@ def load_fairseq_ctc(path: str | Path) -> SpeechModel:
     missing = [k for k in result.missing_keys if "masked_spec_embed" not in k]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks weights for {len(missing)} parameters, e.g. {missing[:5]}")
+
+
+def load_fairseq_ctc(path: str | Path) -> SpeechModel:
+    """A fairseq wav2vec2/HuBERT CTC checkpoint as a Hugging Face module with fairseq's vocabulary."""
+    import transformers
+
+    path, dict_path = _checkpoint_files(path)
+    ckpt = read_checkpoint(path)
+    state = _ctc_state_dict(ckpt, path)
+    settings, model_name = model_settings(ckpt)
+    vocab = read_dictionary(dict_path)
+
+    enc = _encoder_weights(state)
+    geometry = _encoder_geometry(enc, settings, path)
+    vocab_size = state[HEAD_PREFIX + "weight"].shape[0]
+    vocab = _fit_vocab(vocab, vocab_size, path, dict_path)
+    arch, params = _hf_config(settings, model_name, enc, vocab_size, geometry)
+    config_cls = transformers.HubertConfig if arch == "HubertForCTC" else transformers.Wav2Vec2Config
+    model_cls = getattr(transformers, arch)
+    model = remove_weight_norm(model_cls(config_cls(**params))).float().eval()
+    _load_weights(model, _hf_state_dict(enc, state, model.base_model_prefix, path), path)
     return SpeechModel(
         model=model, arch=arch, vocab=vocab, blank_id=0, word_delimiter="|", sampling_rate=16000,
-        do_normalize=bool(settings["normalize"]), return_attention_mask=layer_norm_cnn,
+        do_normalize=bool(settings["normalize"]), return_attention_mask=settings["extractor_mode"] == "layer_norm",
         name=path.stem, source=str(path), family="fairseq")
 
 
