@@ -25,6 +25,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jiwer
@@ -149,7 +150,8 @@ def save(model, processor, out: Path, meta: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; the defaults are the settings the shipped demo model was trained with."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=Path, required=True)
     ap.add_argument("--dev", type=Path, required=True)
@@ -170,13 +172,13 @@ def main(argv=None) -> None:
                     help="weight of intermediate CTC losses (0 disables)")
     ap.add_argument("--init", type=Path, default=None,
                     help="continue from a saved model dir (fresh optimizer and schedule)")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    np.random.seed(a.seed)
-    rng = random.Random(a.seed)
-    logf = open(a.log, "a") if a.log else None
+
+def make_log(path: Path | None) -> Callable[[str], None]:
+    """A log function: timestamped (UTC) lines to stdout and, flushed line by line so a killed
+    run keeps its history, appended to ``path`` when given."""
+    logf = open(path, "a") if path else None
 
     def log(msg: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {msg}"
@@ -185,94 +187,155 @@ def main(argv=None) -> None:
             logf.write(line + "\n")
             logf.flush()
 
-    t_load = time.time()
-    train = load_set(a.train, a.limit)
-    dev = load_set(a.dev)
-    dev_sub = dev[: a.dev_subset]
-    hours = sum(len(x) for x, _ in train) / SR / 3600
-    log(f"loaded {len(train)} train utts ({hours:.2f} h), {len(dev)} dev in {time.time() - t_load:.0f}s")
+    return log
 
-    processor = make_processor(a.out.with_name(a.out.name + ".vocab"))
-    cls = MODEL_CLASSES[a.arch]
-    model = cls.from_pretrained(a.init) if a.init else cls(make_config(a.arch))
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params:,} parameters; args {vars(a)}")
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    lengths = [len(x) for x, _ in train]
-    labels = [torch.tensor(encode(t)) for _, t in train]
-    max_samples = int(a.batch_seconds * SR)
 
-    budget = a.minutes * 60
-    t0 = time.time()
-    next_eval, step, epoch, losses = a.eval_every * 60, 0, 0, []
-    done = False
+def scheduled_lr(base_lr: float, warmup: int, step: int, frac: float) -> float:
+    """Linear warmup over ``warmup`` steps, then a cosine over the elapsed fraction of the
+    wall-clock budget (not of a step count), so the run ends on time on a shared CPU."""
+    return base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
 
-    def evaluate_and_save(final=False):
-        subset = dev if final else dev_sub
+
+class Trainer:
+    """One training run: the model, optimizer and data, and the step/epoch/loss counters that the
+    progress lines, evaluations and saved ``training_state.json`` report."""
+
+    def __init__(self, a: argparse.Namespace, model, processor, train: list, dev: list, n_params: int, log):
+        self.a, self.model, self.processor, self.log = a, model, processor, log
+        self.train, self.dev, self.dev_sub, self.n_params = train, dev, dev[: a.dev_subset], n_params
+        self.opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
+        self.lengths = [len(x) for x, _ in train]
+        self.labels = [torch.tensor(encode(t)) for _, t in train]
+        self.max_samples = int(a.batch_seconds * SR)
+        self.t0, self.step, self.epoch, self.losses = 0.0, 0, 0, []
+
+    def minutes(self) -> float:
+        """Wall-clock minutes since training started."""
+        return (time.time() - self.t0) / 60
+
+    def run(self, rng: random.Random) -> None:
+        """Epochs of shuffled length-bucketed batches until the budget is spent, evaluating and
+        saving every --eval-every minutes and once more, on the whole dev set, at the end."""
+        a = self.a
+        budget = a.minutes * 60
+        self.t0 = time.time()
+        next_eval, done = a.eval_every * 60, False
+        self.model.train()
+        while not done:
+            self.epoch += 1
+            for b in batches(self.lengths, self.max_samples, rng):
+                frac = (time.time() - self.t0) / budget
+                if frac >= 1:
+                    done = True
+                    break
+                lr = self.train_step(b, frac)
+                if self.step % 50 == 0:
+                    self.log(f"step {self.step} epoch {self.epoch} {self.minutes():.1f} min "
+                             f"lr {lr:.2e} loss {np.mean(self.losses[-50:]):.3f}")
+                if time.time() - self.t0 >= next_eval:
+                    self.evaluate_and_save()
+                    next_eval += a.eval_every * 60
+        self.evaluate_and_save(final=True)
+
+    def train_step(self, b: list[int], frac: float) -> float:
+        """One optimizer step (gradients clipped to norm 1) on the utterances ``b`` at the
+        scheduled learning rate, which it returns."""
+        lr = scheduled_lr(self.a.lr, self.a.warmup, self.step, frac)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss = self.loss(b)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.losses.append(loss.item())
+        self.step += 1
+        return lr
+
+    def loss(self, b: list[int]) -> torch.Tensor:
+        """CTC loss of the utterances ``b``, zero-padded with no attention mask (as wav2vec2-base)
+        and computed over real frames only, mixed with the intermediate CTC losses."""
+        model, lengths = self.model, self.lengths
+        T = max(lengths[i] for i in b)
+        x = torch.zeros(len(b), T)
+        for k, i in enumerate(b):
+            x[k, : lengths[i]] = torch.from_numpy(self.train[i][0])
+        out = model(x, output_hidden_states=self.a.inter_ctc > 0)
+        in_len = model._get_feat_extract_output_lengths(torch.tensor([lengths[i] for i in b]))
+        in_len = in_len.clamp(max=out.logits.shape[1])
+        tgt = [self.labels[i] for i in b]
+        tgt_cat, tgt_len = torch.cat(tgt), torch.tensor([len(t) for t in tgt])
+
+        def ctc(logits):
+            lp = F.log_softmax(logits, -1, dtype=torch.float32).transpose(0, 1)
+            return F.ctc_loss(lp, tgt_cat, in_len, tgt_len, blank=0, reduction="mean",
+                              zero_infinity=True)
+
+        loss = ctc(out.logits)
+        if self.a.inter_ctc > 0:
+            # Intermediate CTC through the shared lm_head (training-only, no new weights):
+            # gives the conv front end a short gradient path, so the post-LN encoder does
+            # not collapse to a constant "all blank" output before features are learned.
+            inter = sum(ctc(model.lm_head(out.hidden_states[k])) for k in INTER_LAYERS)
+            loss = (1 - self.a.inter_ctc) * loss + self.a.inter_ctc * inter / len(INTER_LAYERS)
+        return loss
+
+    def evaluate_and_save(self, final: bool = False) -> None:
+        """Log dev WER/CER (the dev subset, or all of dev when ``final``) with each layer's time
+        spread, then save the model atomically, so a killed run still leaves a usable one."""
+        model, a = self.model, self.a
+        subset = self.dev if final else self.dev_sub
         hyps = transcribe(model, [x for x, _ in subset])
         with torch.no_grad():  # time-variance of each layer: ~0 means a collapsed encoder
             hs = model(torch.from_numpy(subset[0][0])[None], output_hidden_states=True).hidden_states
         spread = " ".join(f"{h[0].std(0).mean().item():.2g}" for h in hs)
         w, c = wer_cer([t for _, t in subset], hyps)
-        elapsed = (time.time() - t0) / 60
-        loss = float(np.mean(losses[-200:])) if losses else float("nan")
-        log(f"eval step {step} epoch {epoch} {elapsed:.1f} min loss {loss:.3f} "
-            f"dev{'' if final else '-subset'}({len(subset)}) WER {w:.4f} CER {c:.4f} | "
-            f"time-std {spread} | {hyps[0]!r} vs {subset[0][1]!r}")
-        save(model, processor, a.out, dict(step=step, epoch=epoch, minutes=elapsed, loss=loss,
-                                          dev_wer=w, dev_cer=c, dev_n=len(subset),
-                                          parameters=n_params, args={k: str(v) for k, v in vars(a).items()}))
+        elapsed = self.minutes()
+        loss = float(np.mean(self.losses[-200:])) if self.losses else float("nan")
+        self.log(f"eval step {self.step} epoch {self.epoch} {elapsed:.1f} min loss {loss:.3f} "
+                 f"dev{'' if final else '-subset'}({len(subset)}) WER {w:.4f} CER {c:.4f} | "
+                 f"time-std {spread} | {hyps[0]!r} vs {subset[0][1]!r}")
+        save(model, self.processor, a.out, dict(step=self.step, epoch=self.epoch, minutes=elapsed, loss=loss,
+                                               dev_wer=w, dev_cer=c, dev_n=len(subset), parameters=self.n_params,
+                                               args={k: str(v) for k, v in vars(a).items()}))
         model.train()
 
-    model.train()
-    while not done:
-        epoch += 1
-        for b in batches(lengths, max_samples, rng):
-            frac = (time.time() - t0) / budget
-            if frac >= 1:
-                done = True
-                break
-            lr = a.lr * min(1.0, (step + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * frac))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            T = max(lengths[i] for i in b)
-            x = torch.zeros(len(b), T)
-            for k, i in enumerate(b):
-                x[k, : lengths[i]] = torch.from_numpy(train[i][0])
-            # Zero-padded, no attention mask (as wav2vec2-base); CTC only over real frames.
-            out = model(x, output_hidden_states=a.inter_ctc > 0)
-            in_len = model._get_feat_extract_output_lengths(torch.tensor([lengths[i] for i in b]))
-            in_len = in_len.clamp(max=out.logits.shape[1])
-            tgt = [labels[i] for i in b]
-            tgt_cat, tgt_len = torch.cat(tgt), torch.tensor([len(t) for t in tgt])
 
-            def ctc(logits):
-                lp = F.log_softmax(logits, -1, dtype=torch.float32).transpose(0, 1)
-                return F.ctc_loss(lp, tgt_cat, in_len, tgt_len, blank=0, reduction="mean",
-                                  zero_infinity=True)
+def load_data(a: argparse.Namespace, log) -> tuple[list, list]:
+    """The training set (first --limit utterances) and the dev set, normalised, logged with
+    how much audio they hold and how long reading it took."""
+    t_load = time.time()
+    train = load_set(a.train, a.limit)
+    dev = load_set(a.dev)
+    hours = sum(len(x) for x, _ in train) / SR / 3600
+    log(f"loaded {len(train)} train utts ({hours:.2f} h), {len(dev)} dev in {time.time() - t_load:.0f}s")
+    return train, dev
 
-            loss = ctc(out.logits)
-            if a.inter_ctc > 0:
-                # Intermediate CTC through the shared lm_head (training-only, no new weights):
-                # gives the conv front end a short gradient path, so the post-LN encoder does
-                # not collapse to a constant "all blank" output before features are learned.
-                inter = sum(ctc(model.lm_head(out.hidden_states[k])) for k in INTER_LAYERS)
-                loss = (1 - a.inter_ctc) * loss + a.inter_ctc * inter / len(INTER_LAYERS)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            if step % 50 == 0:
-                log(f"step {step} epoch {epoch} {(time.time() - t0) / 60:.1f} min "
-                    f"lr {lr:.2e} loss {np.mean(losses[-50:]):.3f}")
-            if time.time() - t0 >= next_eval:
-                evaluate_and_save()
-                next_eval += a.eval_every * 60
-    evaluate_and_save(final=True)
+
+def build_model(a: argparse.Namespace, log):
+    """(processor, model, parameter count): a fresh model of --arch, or the --init one."""
+    processor = make_processor(a.out.with_name(a.out.name + ".vocab"))
+    cls = MODEL_CLASSES[a.arch]
+    model = cls.from_pretrained(a.init) if a.init else cls(make_config(a.arch))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params:,} parameters; args {vars(a)}")
+    return processor, model, n_params
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    rng = random.Random(a.seed)
+    log = make_log(a.log)
+
+    train, dev = load_data(a, log)
+    processor, model, n_params = build_model(a, log)
+    trainer = Trainer(a, model, processor, train, dev, n_params, log)
+    trainer.run(rng)
     shutil.rmtree(a.out.with_name(a.out.name + ".vocab"), ignore_errors=True)
-    log(f"done: {step} steps, {epoch} epochs, {(time.time() - t0) / 60:.1f} min")
+    log(f"done: {trainer.step} steps, {trainer.epoch} epochs, {trainer.minutes():.1f} min")
 
 
 if __name__ == "__main__":
