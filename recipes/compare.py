@@ -65,6 +65,92 @@ def uniform_dev_errors(result, scorer: DevScorer) -> dict[str, UtteranceErrors]:
     return errors
 
 
+def _settings(b: int, gamma: float, grid: Sequence[float] | None, num_bins: int) -> Settings:
+    """The search settings at W{b}A{b}, every other choice shared by all bit widths."""
+    settings = Settings(wbits=b, abits=b, gamma=gamma, num_bins=num_bins)
+    if grid is not None:
+        settings.grid = list(grid)
+    return settings
+
+
+def _state_path(out_dir: Path | None, tag: str, b: int) -> Path | None:
+    """Where one recipe's W{b}A{b} search keeps its resumable state (nowhere without ``out_dir``)."""
+    return Path(out_dir) / f"state_{tag}_w{b}a{b}.json" if out_dir else None
+
+
+def _subset_rows(subsets: dict[str, set[str]] | None, test_ids: list[str]) -> dict[str, list[int]]:
+    """Each named subset as rows of the test set (its utterance order); a subset that shares no
+    utterance with the test set is an error, not an empty row of the table."""
+    rows = {name: [k for k, i in enumerate(test_ids) if i in ids] for name, ids in (subsets or {}).items()}
+    for name, found in rows.items():
+        if not found:
+            raise ValueError(f"test subset {name!r} shares no utterance with the test set")
+    return rows
+
+
+def _test_errors(paper, default, cnn_layers: list[str], test_scorer: DevScorer, fp32_errors: UtteranceErrors,
+                 b: int) -> dict[str, UtteranceErrors]:
+    """Test-set errors of fp32, of every baseline's scales on the paper run's model (and, for
+    Table II, max and percentile with the CNN layers left in float: ``*_tr_only``), of the paper
+    recipe's scales, and of the default recipe's own model.
+
+    Every method sets the scales on one model, so only the calibration differs; afterwards the
+    model is left as the paper's recipe chose.
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from sq_plugin.modelopt_private import calibrator_of
+    from sq_plugin.quantizers import activation_quantizers
+
+    model = paper.model.model
+    acts = activation_quantizers(model)
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    # only the quantizers the config enabled (output / norm quantizers stay off)
+    cnn_quantizers = [n for n, q in quantizers.items()
+                      if q.is_enabled and any(n.startswith(p + ".") for p in cnn_layers)]
+
+    def errors_with(amax: dict[str, float], tr_only: bool = False) -> UtteranceErrors:
+        for n, a in amax.items():
+            acts[n].amax = a
+        for n in cnn_quantizers:
+            quantizers[n].disable() if tr_only else quantizers[n].enable()
+        try:
+            with fast_fake_quant(model):
+                return test_scorer.errors(outputs(model, test_scorer.batches))
+        finally:
+            for n in cnn_quantizers:
+                quantizers[n].enable()
+
+    errors = {"fp32": fp32_errors}
+    jobs = [(m, False) for m in BASELINES] + [("max", True), ("percentile", True), ("stablequant_paper", False)]
+    for method, tr_only in tqdm(jobs, desc=f"compare W{b}A{b} on test", leave=False,
+                                disable=not current_ranks().main):
+        amax = paper.amax if method == "stablequant_paper" else {
+            n: baseline_amax(calibrator_of(q), method) for n, q in acts.items()}
+        key = f"{method}_tr_only" if tr_only else method
+        errors[key] = errors_with(amax, tr_only)
+    errors_with(paper.amax)  # leave the model as the paper's recipe chose
+    with fast_fake_quant(default.model.model):
+        errors["stablequant"] = test_scorer.errors(outputs(default.model.model, test_scorer.batches))
+    return errors
+
+
+def _bits_row(paper, default, errors: dict[str, UtteranceErrors], subset_rows: dict[str, list[int]],
+              resamples: int, seed: int) -> dict:
+    """One bit width's row of the table: what both recipes chose on dev, each system's test WER,
+    paired-bootstrap intervals against fp32, and per-subset WERs."""
+    row: dict = {"clipped_layers": paper.marked, "p_opt": paper.p_opt, "dev_wer": default.final_wer,
+                 "paper_dev_wer": paper.final_wer,
+                 "layer_calibrators": {c.quantizer: c.chosen for c in default.layers},
+                 "weight_calibrator": default.weight_calibrator}
+    row.update({k: e.wer for k, e in errors.items() if k != "fp32"})
+    systems = {k: e for k, e in errors.items() if not k.endswith("_tr_only")}
+    row["intervals"] = intervals(systems, "fp32", [*BASELINES, "stablequant_paper"], resamples, seed)
+    row["subsets"] = {name: {k: _subset(e, rows).wer for k, e in systems.items()}
+                      for name, rows in subset_rows.items()}
+    return row
+
+
 def compare_methods(
     sm: SpeechModel,
     calib: Sequence,
@@ -87,77 +173,25 @@ def compare_methods(
     ``subsets`` (name -> utterance ids of the test set) adds per-subset WERs, e.g. the demo's
     training voices vs held-out voices.
     """
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    from sq_plugin.modelopt_private import calibrator_of
-    from sq_plugin.quantizers import activation_quantizers
-
     test_scorer = DevScorer(sm, test)
     test_ids = [i for b in test for i in b.ids]
     fp32_errors = test_scorer.errors(outputs(sm.model, test_scorer.batches))
     cnn_layers = [i.path for i in layer_inventory(sm.model) if i.kind == "cnn"]
     table: dict = {"fp32_test_wer": fp32_errors.wer, "percentile": PERCENTILE, "test_utterances": len(test_ids),
                    "test_words": int(fp32_errors.words.sum()), "resamples": resamples, "bits": {}}
-    subsets = {name: [k for k, i in enumerate(test_ids) if i in ids] for name, ids in (subsets or {}).items()}
-    for name, rows in subsets.items():
-        if not rows:
-            raise ValueError(f"test subset {name!r} shares no utterance with the test set")
-    def settings_at(b: int) -> Settings:
-        settings = Settings(wbits=b, abits=b, gamma=gamma, num_bins=num_bins)
-        if grid is not None:
-            settings.grid = list(grid)
-        return settings
+    subset_rows = _subset_rows(subsets, test_ids)
 
     for b in bits:
-        settings = settings_at(b)
-        state = (lambda tag: Path(out_dir) / f"state_{tag}_w{b}a{b}.json") if out_dir else (lambda tag: None)
-        paper = run_stablequant(sm, calib, dev, settings, state_path=state("paper"), resume=resume)
-        default = run_layerwise(sm, calib, dev, settings, state_path=state("default"), resume=resume)
-        model = paper.model.model
-        acts = activation_quantizers(model)
-        quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
-        # only the quantizers the config enabled (output / norm quantizers stay off)
-        cnn_quantizers = [n for n, q in quantizers.items()
-                          if q.is_enabled and any(n.startswith(p + ".") for p in cnn_layers)]
-
-        def errors_with(amax: dict[str, float], tr_only: bool = False) -> UtteranceErrors:
-            for n, a in amax.items():
-                acts[n].amax = a
-            for n in cnn_quantizers:
-                quantizers[n].disable() if tr_only else quantizers[n].enable()
-            try:
-                with fast_fake_quant(model):
-                    return test_scorer.errors(outputs(model, test_scorer.batches))
-            finally:
-                for n in cnn_quantizers:
-                    quantizers[n].enable()
-
-        errors = {"fp32": fp32_errors}
-        row: dict = {"clipped_layers": paper.marked, "p_opt": paper.p_opt, "dev_wer": default.final_wer,
-                     "paper_dev_wer": paper.final_wer,
-                     "layer_calibrators": {c.quantizer: c.chosen for c in default.layers},
-                     "weight_calibrator": default.weight_calibrator}
-        jobs = [(m, False) for m in BASELINES] + [("max", True), ("percentile", True), ("stablequant_paper", False)]
-        for method, tr_only in tqdm(jobs, desc=f"compare W{b}A{b} on test", leave=False,
-                                    disable=not current_ranks().main):
-            amax = paper.amax if method == "stablequant_paper" else {
-                n: baseline_amax(calibrator_of(q), method) for n, q in acts.items()}
-            key = f"{method}_tr_only" if tr_only else method
-            errors[key] = errors_with(amax, tr_only)
-        errors_with(paper.amax)  # leave the model as the paper's recipe chose
-        with fast_fake_quant(default.model.model):
-            errors["stablequant"] = test_scorer.errors(outputs(default.model.model, test_scorer.batches))
-        row.update({k: e.wer for k, e in errors.items() if k != "fp32"})
-        systems = {k: e for k, e in errors.items() if not k.endswith("_tr_only")}
-        row["intervals"] = intervals(systems, "fp32", [*BASELINES, "stablequant_paper"], resamples, seed)
-        row["subsets"] = {name: {k: _subset(e, rows).wer for k, e in systems.items()}
-                          for name, rows in subsets.items()}
-        table["bits"][str(b)] = row
+        settings = _settings(b, gamma, grid, num_bins)
+        paper = run_stablequant(sm, calib, dev, settings, state_path=_state_path(out_dir, "paper", b), resume=resume)
+        default = run_layerwise(sm, calib, dev, settings, state_path=_state_path(out_dir, "default", b), resume=resume)
+        errors = _test_errors(paper, default, cnn_layers, test_scorer, fp32_errors, b)
+        table["bits"][str(b)] = _bits_row(paper, default, errors, subset_rows, resamples, seed)
     if budgets:
-
         # the mixed search starts from the default recipe at W8A8: the 8-bit row's, when there is one
-        base = Path(out_dir) / "state_default_w8a8.json" if out_dir and 8 in bits else None
-        table["mixed"] = mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets, settings_at(8),
+        base = _state_path(out_dir, "default", 8) if 8 in bits else None
+        table["mixed"] = mixed_compare_rows(sm, calib, dev, test_scorer, fp32_errors, budgets,
+                                            _settings(8, gamma, grid, num_bins),
                                             Path(out_dir) / "state_mixed.json" if out_dir else None, resume,
                                             resamples, seed, score=mixed_score, base_state=base)
     return table
