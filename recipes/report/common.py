@@ -19,6 +19,22 @@ def save_figure(fig, path: Path) -> None:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: reports are drawn into files, often where there is no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+def save_and_close(fig, path: Path) -> None:
+    """Write the figure (atomically, as save_figure) and close it: pyplot keeps every open figure alive."""
+    import matplotlib.pyplot as plt
+
+    save_figure(fig, path)
+    plt.close(fig)
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     def cell(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import REAPPLY, ci_text, markdown_table, save_figure, short_layer, write_outputs
+from .common import REAPPLY, ci_text, markdown_table, pyplot, save_and_close, short_layer, write_outputs
 
 
 def mixed_markdown(result, meta: dict) -> str:
@@ -89,11 +89,7 @@ def mixed_markdown(result, meta: dict) -> str:
 
 def plot_pareto(result, path: Path) -> None:
     """Average weight bits vs dev WER: the mixed allocations and the uniform formats."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     pts = sorted(result.pareto, key=lambda p: p["avg_bits"])
     ax.plot([p["avg_bits"] for p in pts], [p["wer"] for p in pts], marker="o", label="mixed (allocations)")
@@ -108,8 +104,7 @@ def plot_pareto(result, path: Path) -> None:
     ax.set_ylabel("dev WER %")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
-    plt.close(fig)
+    save_and_close(fig, path)
 
 def write_mixed_outputs(out_dir: Path, result, meta: dict) -> str:
     return write_outputs(out_dir, result, meta, mixed_markdown(result, meta), [(plot_pareto, "pareto.png")])

@@ -11,8 +11,9 @@ from .common import (
     SYSTEM_NAMES,
     ci_text,
     markdown_table,
+    pyplot,
     resamples_of,
-    save_figure,
+    save_and_close,
     short_layer,
     write_outputs,
 )
@@ -107,11 +108,7 @@ def paper_markdown(result, meta: dict) -> str:
 
 def plot_activation_ranges(result, path: Path) -> None:
     """The paper's Fig. 1: per-layer |activation| spread, CNN layers vs Transformer layers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result.stage1 if result.recipe == "paper" else result.layers
     kinds = {r.quantizer: r.kind for r in rows}
     shifts = {r.quantizer: getattr(r, "shift", 0.0) for r in rows}
@@ -149,15 +146,10 @@ def plot_activation_ranges(result, path: Path) -> None:
     ax.set_ylabel("|activation| (median–p99 bar, p99.99 tick, max ▲)")
     ax.set_title("Activation ranges by layer (input of each quantized layer)")
     ax.legend(fontsize=7)
-    save_figure(fig, path)
-    plt.close(fig)
+    save_and_close(fig, path)
 
 def plot_wer_vs_cutoff(result, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ps = [float(p) for p in result.stage2]
     wers = list(result.stage2.values())
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -167,8 +159,7 @@ def plot_wer_vs_cutoff(result, path: Path) -> None:
     ax.set_xlabel("cut-off p (% of histogram mass removed)")
     ax.set_ylabel("dev WER %")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
-    plt.close(fig)
+    save_and_close(fig, path)
 
 def write_quantize_outputs(out_dir: Path, result, meta: dict) -> str:
     plots = [(plot_activation_ranges, "activation_ranges.png")]
