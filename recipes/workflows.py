@@ -77,16 +77,23 @@ def prepare_out_dir(out: str, overwrite: bool, resume: bool, ranks: Ranks | None
     return out_dir
 
 
-def run_quantize(args) -> dict:
-    from recipes.api import run_recipe
-    from recipes.report import write_quantize_outputs
-    from recipes.search.stablequant import Settings
-
+def start_search(args):
+    """(device, ranks, model, calib batches, dev batches): how quantize and compare both begin,
+    with torch seeded from ``--seed`` before anything is loaded."""
     torch.manual_seed(args.seed)
     device, ranks = start_ranks(args)
     sm = load_model(args, device)
     calib = load_batches(args.calib, "calib", sm, args, args.model)
     dev = load_batches(args.dev, "dev", sm, args, args.model)
+    return device, ranks, sm, calib, dev
+
+
+def run_quantize(args) -> dict:
+    from recipes.api import run_recipe
+    from recipes.report import write_quantize_outputs
+    from recipes.search.stablequant import Settings
+
+    device, ranks, sm, calib, dev = start_search(args)
     out_dir = prepare_out_dir(args.out, args.overwrite, args.resume, ranks)
     settings = Settings(wbits=args.wbits or args.bits, abits=args.bits, gamma=args.gamma,
                         grid=args.grid, num_bins=args.num_bins, naive_stage1=args.naive_stage1)
@@ -122,11 +129,7 @@ def run_compare(args) -> dict:
     from recipes.compare import compare_methods
     from recipes.report import write_compare_outputs
 
-    torch.manual_seed(args.seed)
-    device, ranks = start_ranks(args)
-    sm = load_model(args, device)
-    calib = load_batches(args.calib, "calib", sm, args, args.model)
-    dev = load_batches(args.dev, "dev", sm, args, args.model)
+    device, ranks, sm, calib, dev = start_search(args)
     test = load_batches(args.test, "test", sm, args, args.model)
     out_dir = prepare_out_dir(args.out, args.overwrite, args.resume, ranks)
     subsets = {}
