@@ -78,8 +78,9 @@ def calibration_times(sm, calib, device, repeats: int) -> dict:
     ModelOpt MAX; our histograms collected (amax = their max: the collection cost); the recipe's
     whole calibration (histograms + StableQuant/MSE search for every activation quantizer)."""
     import sq_plugin
+    from recipes.search.calibrate import base_config
+    from recipes.search.engine import Settings
     from recipes.search.qconfig import quant_cfg, quantize_copy
-    from recipes.search.stablequant import Settings, base_config
 
     collect = quant_cfg(8, 8)
     collect[2] = {"quantizer_name": "*input_quantizer",
@@ -105,11 +106,11 @@ def calibration_times(sm, calib, device, repeats: int) -> dict:
 def cpu_seconds_per_phase():
     """Also record the CPU seconds of each recipe phase (robust to other jobs on a shared
     machine when torch runs one thread): yields the dict the phases land in."""
-    from recipes.search import stablequant
+    from recipes.search import engine
 
     cpu_seconds: dict[str, float] = {}
 
-    class Clock(stablequant.PhaseClock):
+    class Clock(engine.PhaseClock):
         def __init__(self):
             super().__init__()
             self._cpu = time.process_time()
@@ -119,11 +120,11 @@ def cpu_seconds_per_phase():
             now = time.process_time()
             cpu_seconds[phase], self._cpu = now - self._cpu, now
 
-    original, stablequant.PhaseClock = stablequant.PhaseClock, Clock
+    original, engine.PhaseClock = engine.PhaseClock, Clock
     try:
         yield cpu_seconds
     finally:
-        stablequant.PhaseClock = original
+        engine.PhaseClock = original
 
 
 def _suffix_forwards(result, dev, device) -> tuple[float, float]:
@@ -158,7 +159,8 @@ def stage1_vs_suffix_forwards(sm, calib, dev, device, repeats: int) -> dict:
     alternated ``repeats`` times, best of each (wall and CPU seconds taken separately)."""
     import torch
 
-    from recipes.search.stablequant import Settings, run_stablequant
+    from recipes.search.engine import Settings
+    from recipes.search.paper import run_stablequant
 
     best = {"stage1": float("inf"), "stage1_cpu": float("inf"), "suffix": float("inf"), "suffix_cpu": float("inf")}
     peak = None
@@ -194,14 +196,14 @@ def worker(args) -> None:
 
     from recipes.runtime.device import resolve_device
     from recipes.runtime.distributed import init_ranks, ranks_from_env
-    from recipes.search import stablequant
+    from recipes.search import engine, paper
 
     device = resolve_device(args.device, ranks_from_env().local_rank)
     ranks = init_ranks(device)
     torch.manual_seed(0)
     sm, calib, dev = workload(args.shape, args.dev, args.calib, device)
     with cpu_seconds_per_phase() as cpu_seconds:
-        result = stablequant.run_stablequant(sm, calib, dev, stablequant.Settings(grid=[0.0]), progress=False)
+        result = paper.run_stablequant(sm, calib, dev, engine.Settings(grid=[0.0]), progress=False)
     Path(f"{args.worker}.rank{ranks.rank}").write_text(json.dumps({
         "stage1_s": result.seconds["stage1"], "stage1_cpu_s": cpu_seconds["stage1"], "marked": result.marked,
         "stage1_wer": [r.wer for r in result.stage1], "threads": torch.get_num_threads()}))

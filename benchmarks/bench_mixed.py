@@ -3,7 +3,7 @@
 Two bit counts: ours charges a block format's fp16 scales (4 + 16/block bits per weight);
 ModelOpt 0.47's auto_quantize counts INT4_BLOCKWISE_WEIGHT_ONLY_CFG as num_bits = 4 (its
 ``estimate_quant_compression``), scales free. Every system is measured in both
-(:func:`recipes.search.mixed.model_weight_bits` reads them off the quantized model), and compared with
+(:func:`recipes.search.formats.model_weight_bits` reads them off the quantized model), and compared with
 the other at the same count. For each budget (default 6.4 and 4):
 
 * ours, ``stablequant quantize --budget-bits B`` (``--mixed-score auto``: allocated by dev KL and
@@ -63,12 +63,13 @@ def main(argv=None) -> None:
     from recipes.export.onnx_runner import run_eval_onnx
     from recipes.report import markdown_table
     from recipes.runtime.atomic import write_json_atomic, write_text_atomic
+    from recipes.search.allocation import SCORES
     from recipes.search.autoquant import run_auto_quantize
+    from recipes.search.engine import DevScorer
     from recipes.search.fastquant import fast_fake_quant
+    from recipes.search.formats import model_weight_bits
     from recipes.search.layerwise import LogitDivergence
-    from recipes.search.mixed import SCORES, model_weight_bits
     from recipes.search.qconfig import load_config, quantize_copy
-    from recipes.search.stablequant import DevScorer
     from recipes.speech.models import resolve_model
 
     work = Path(a.work)

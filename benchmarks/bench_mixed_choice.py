@@ -37,9 +37,9 @@ def main(argv=None) -> None:
     from recipes.evaluation.asr import forward_logits
     from recipes.report import markdown_table
     from recipes.runtime.atomic import write_json_atomic, write_text_atomic
+    from recipes.search.engine import DevScorer
     from recipes.search.fastquant import fast_fake_quant
     from recipes.search.qconfig import load_config, quantize_copy
-    from recipes.search.stablequant import DevScorer
     from recipes.speech.models import resolve_model
 
     sm = resolve_model("demo")

@@ -42,9 +42,9 @@ def main() -> None:
     from recipes.data.readers import make_batches, open_dataset
     from recipes.report import markdown_table
     from recipes.runtime.atomic import write_json_atomic
+    from recipes.search.engine import Settings
     from recipes.search.layerwise import run_layerwise
     from recipes.search.mixed import run_mixed
-    from recipes.search.stablequant import Settings
     from recipes.speech.models import resolve_model
     from recipes.workflows import demo_split
 

@@ -25,8 +25,8 @@ from recipes.data.readers import BatchList, Utterance, group_batches, make_batch
 from recipes.demo import DEMO_MODEL_DIR, demo_data
 from recipes.evaluation.asr import evaluate, wer_cer
 from recipes.search.autoquant import run_auto_quantize
+from recipes.search.engine import Settings
 from recipes.search.qconfig import calibration_loop, load_config, quantize_copy
-from recipes.search.stablequant import Settings
 from recipes.speech import BlockLayout, SpeechFamily, hookimpl, wrap_speech_model
 from recipes.speech.models import SpeechModel, remove_weight_norm, resolve_model
 
@@ -84,8 +84,9 @@ def run_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, settings: Settin
     default recipe's candidates scored side by side (at most 2 are useful; 1: one per forward)."""
     from recipes.compare import intervals, uniform_dev_errors
     from recipes.evaluation.asr import UtteranceErrors
+    from recipes.search.engine import DevScorer
     from recipes.search.layerwise import run_layerwise
-    from recipes.search.stablequant import DevScorer, run_stablequant
+    from recipes.search.paper import run_stablequant
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
@@ -117,7 +118,7 @@ def quantize(model, processor=None, *, calib, dev, bits: int = 8, wbits: int | N
     ``calib``/``dev``: a data set path (LibriSpeech dir, fairseq or plain TSV) or a list of
     ``(waveform, transcript)`` pairs at the model's sampling rate. ``out_dir`` also writes the CLI's
     outputs there (report.md/json, modelopt_config.json, model.pth, plots). Extra keyword arguments
-    are :class:`recipes.search.stablequant.Settings` fields (gamma, grid, num_bins). ``device``:
+    are :class:`recipes.search.engine.Settings` fields (gamma, grid, num_bins). ``device``:
     ``auto`` (CUDA when available), ``cpu``, ``cuda[:N]`` or a torch.device; the model moves there.
     Under torchrun the search is sharded over the ranks and only rank 0 writes ``out_dir``.
     """

@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 
 from recipes.evaluation.asr import UtteranceErrors, forward_logits, intervals, paired_bootstrap
 from recipes.runtime.distributed import current_ranks
+from recipes.search.engine import DevScorer, Settings
 from recipes.search.fastquant import fast_fake_quant
 from recipes.search.layerwise import BASELINE_SPECS, PERCENTILE, calibrator_amax, run_layerwise, spec_label
-from recipes.search.stablequant import DevScorer, Settings, run_stablequant
+from recipes.search.paper import run_stablequant
 from recipes.speech.models import SpeechModel, layer_inventory
 
 

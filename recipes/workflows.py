@@ -91,7 +91,7 @@ def start_search(args):
 def run_quantize(args) -> dict:
     from recipes.api import run_recipe
     from recipes.report import write_quantize_outputs
-    from recipes.search.stablequant import Settings
+    from recipes.search.engine import Settings
 
     device, ranks, sm, calib, dev = start_search(args)
     out_dir = prepare_out_dir(args.out, args.overwrite, args.resume, ranks)

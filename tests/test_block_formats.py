@@ -19,11 +19,12 @@ from onnx import TensorProto, helper, numpy_helper
 import sq_plugin  # noqa: F401
 from calibrators import per_block_mse_amax, weight_block, weight_blocks
 from recipes.evaluation.asr import forward_logits
+from recipes.search.engine import DevScorer, Settings
 from recipes.search.fastquant import eligible, fake_quant_blocks, fast_fake_quant
+from recipes.search.formats import MENU, model_weight_bits
 from recipes.search.layerwise import LogitDivergence
-from recipes.search.mixed import MENU, model_weight_bits, run_mixed
+from recipes.search.mixed import run_mixed
 from recipes.search.qconfig import calibration_loop, config_from_json, load_config
-from recipes.search.stablequant import DevScorer, Settings
 from recipes.speech.models import random_model, remove_weight_norm
 
 mtq = pytest.importorskip("modelopt.torch.quantization")

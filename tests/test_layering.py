@@ -152,3 +152,24 @@ def test_every_workaround_is_labelled_one_way_with_its_removal_condition():
 def test_recipes_top_level_is_a_few_entry_modules_over_subpackages():
     modules = sorted(p.name for p in (ROOT / "recipes").glob("*.py") if p.name != "__init__.py")
     assert len(modules) <= 6, modules
+
+
+# the one long function allowed: a declarative argument parser (one add_argument per option)
+LONG_ALLOWED = {("recipes/cli.py", "build_parser")}
+
+
+def test_no_function_over_80_lines():
+    """Short functions: a search is a list of phases, a loader a list of steps (the oracle: an AST
+    walk counting each function's lines, nested ones included)."""
+    import ast
+
+    long = []
+    for package in ("recipes", "sq_plugin", "calibrators"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 80 and (rel, node.name) not in LONG_ALLOWED:
+                        long.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

@@ -14,10 +14,12 @@ import torch
 import sq_plugin  # noqa: F401
 from calibrators import weight_block
 from recipes.evaluation.asr import decode_logits, forward_logits
+from recipes.search.allocation import allocate, average_bits, choose_score
+from recipes.search.engine import DevScorer, Settings
+from recipes.search.formats import MENU
 from recipes.search.layerwise import LogitDivergence
-from recipes.search.mixed import MENU, allocate, average_bits, choose_score, run_mixed
+from recipes.search.mixed import run_mixed
 from recipes.search.qconfig import calibration_loop
-from recipes.search.stablequant import DevScorer, Settings
 from recipes.speech.models import remove_weight_norm
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
@@ -138,7 +140,7 @@ def test_fp8_format_round_trips_through_a_fresh_quantize(setup, tmp_path):
     max calibration and E4M3 fake quant), gives the same amaxes, dev KL and WER; the ONNX export
     carries float8 weights and ONNX Runtime scores it."""
     from recipes.export.onnx import export_onnx
-    from recipes.search.mixed import model_weight_bits
+    from recipes.search.formats import model_weight_bits
     from recipes.search.qconfig import config_from_json
 
     sm, calib, dev = setup

@@ -63,7 +63,7 @@ def test_folded_weight_norm_is_the_float64_formula_for_any_thread_count(form):
     """The folded weight is g * v / |v| (norm over every axis but dim 2) in float64, rounded once:
     bit for bit the same under 1 and 2 threads, so a run's model fingerprint (and --resume) does
     not depend on OMP_NUM_THREADS."""
-    from recipes.search.stablequant import model_fingerprint
+    from recipes.search.engine import model_fingerprint
 
     def folded(threads):
         torch.manual_seed(0)

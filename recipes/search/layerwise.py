@@ -1,6 +1,6 @@
 """The default recipe: the best calibrator per layer, chosen by how far the logits move from fp32.
 
-What it adds to the paper (``--recipe paper``, :mod:`recipes.search.stablequant`):
+What it adds to the paper (``--recipe paper``, :mod:`recipes.search.paper`):
 
 1. **A smooth selection score.** Every decision minimises the mean per-frame KL divergence of the
    quantized model's output distribution from the fp32 model's on the dev set, instead of the
@@ -21,7 +21,8 @@ What it adds to the paper (``--recipe paper``, :mod:`recipes.search.stablequant`
 The output is the same kind of plain ModelOpt config as the paper's (``"layer_calibrators"`` names a
 registered calibrator per quantizer, ``"weight_calibrator"`` the weight scales); ``mtq.quantize``
 with ``import sq_plugin`` re-computes the same scales from the calibration data. Still symmetric
-per-tensor activations and per-channel weights, as TensorRT deploys them.
+per-tensor activations and per-channel weights, as TensorRT deploys them. Phases: calibrate,
+float, starts, layers, final (:mod:`recipes.search.engine` runs them and keeps the state file).
 """
 
 from __future__ import annotations
@@ -38,18 +39,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from recipes.evaluation.asr import forward_logits
-from recipes.runtime.distributed import DevShard, current_ranks
+from recipes.runtime.distributed import DevShard
+from recipes.search.calibrate import base_config, calibrated_copy, folded_weight_quantizers, histogram_arrays
+from recipes.search.engine import Phase, SearchRun, SearchState, Settings, result_json, run_phases
 from recipes.search.fastquant import fast_fake_quant
 from recipes.search.reuse import PrefixRunner
-from recipes.search.stablequant import (
-    Settings,
-    base_config,
-    begin_recipe,
-    calibrated_copy,
-    folded_weight_quantizers,
-    histogram_arrays,
-    result_json,
-)
 from recipes.speech.models import SpeechModel
 
 log = logging.getLogger(__name__)
@@ -190,6 +184,13 @@ def distinct_candidates(amaxes: dict[str, float], num_bits: int) -> dict[str, fl
 
 
 @dataclass
+class DefaultState(SearchState):
+    starts: dict[str, dict] = field(default_factory=dict)  # "act/weights" -> {"kl", "wer"}
+    start_batches: dict[str, list[float]] = field(default_factory=dict)  # "act/weights" -> per-batch KL sums
+    layer_batches: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # quantizer -> label -> sums
+
+
+@dataclass
 class LayerChoice:
     quantizer: str
     layer: str
@@ -223,6 +224,206 @@ class LayerwiseResult:
         return result_json(self)
 
 
+def start_key(act_label: str, weight_method: str) -> str:
+    """The state's key of a uniform start: activation candidate label / weight calibrator."""
+    return f"{act_label}/{weight_method}"
+
+
+def split_start_key(key: str) -> tuple[str, str]:
+    act_label, weight_method = key.rsplit("/", 1)
+    return act_label, weight_method
+
+
+class DefaultRun(SearchRun):
+    """One default-recipe run: the calibrated copy, every quantizer's candidates, the choices so far."""
+
+    state: DefaultState
+    variants_per_forward: int = 2
+
+    def outputs(self, module_path: str | None) -> list[torch.Tensor]:
+        """Dev logits of the model as set now; the prefix before ``module_path`` from cache."""
+        self.evaluations += 1
+        with torch.inference_mode():
+            return self.runner.run(module_path)
+
+    def set_weights(self, method: str) -> None:
+        for n, (_, q) in self.weights.items():
+            q.amax = self.weight_amax[method][n]
+
+    def own_label(self, n: str, label: str) -> str:
+        """A shifted label on a quantizer without shifted candidates means its plain twin."""
+        return label if label in self.candidates[n] else label.removesuffix(SHIFT)
+
+    def apply(self, n: str, label: str) -> None:
+        amax, bias = self.candidates[n][label]
+        self.acts[n].amax = amax
+        if n in self.shiftable:
+            self.acts[n].bias_value = torch.tensor(bias)
+
+
+def _calibrate(run: DefaultRun) -> None:
+    """One calibration pass; every quantizer's candidates from its histogram; weight amax by max
+    and by per-channel MSE."""
+    from sq_plugin.modelopt_private import calibrator_of
+    from sq_plugin.quantizers import set_mse_weight_amax, set_shift, weight_quantizers
+
+    run.qsm, run.acts, run.quantizers, run.enabled = calibrated_copy(run.sm, run.calib, run.s)
+    model = run.qsm.model
+    run.shiftable = {n for n, q in run.acts.items() if one_sided(calibrator_of(q))}
+    run.candidates = {n: layer_candidates(calibrator_of(q), run.s.num_bins, n in run.shiftable)
+                      for n, q in run.acts.items()}
+    run.specs = {spec_label(name, kw): (name, kw, False) for name, kw in CANDIDATES}
+    run.specs.update({spec_label(name, kw) + SHIFT: (name, kw, True) for name, kw in CANDIDATES})
+    for n in run.shiftable:
+        set_shift(run.acts[n], 0.0)  # a zero shift is exact (x - 0 + 0); candidates then move it
+    run.weights = weight_quantizers(model)
+    run.weight_amax = {"max": {n: q.amax.clone() for n, (_, q) in run.weights.items()}}
+    set_mse_weight_amax(model)
+    run.weight_amax["mse"] = {n: q.amax.clone() for n, (_, q) in run.weights.items()}
+    run.runner = PrefixRunner(model, forward_logits, run.dev)
+    run.stack.enter_context(fast_fake_quant(model))
+
+
+def _float_reference(run: DefaultRun) -> None:
+    """fp32 logits (every quantizer off): the KL reference and the fp32 dev errors."""
+    model = run.qsm.model
+    for q in run.quantizers.values():
+        q.disable()
+    with torch.inference_mode():
+        ref_logits = [forward_logits(model, b) for b in run.dev]
+    run.divergence = LogitDivergence(ref_logits, run.scorer.shard)
+    run.errors = {"fp32": run.scorer.errors(ref_logits)}
+    for n, q in run.quantizers.items():
+        q.enable() if n in run.enabled else q.disable()
+
+
+def _score_start(run: DefaultRun, label: str, weight_method: str) -> None:
+    """Dev KL and WER with every activation quantizer at candidate ``label`` (its plain twin where
+    the quantizer has no shifted candidates) and the weights at ``weight_method``."""
+    key = start_key(label, weight_method)
+    if key in run.state.starts:
+        return
+    run.set_weights(weight_method)
+    for n in run.acts:
+        run.apply(n, run.own_label(n, label))
+    with folded_weight_quantizers(run.qsm.model):
+        logits = run.outputs(None)
+    errs = run.scorer.errors(logits)
+    sums = run.divergence.batch_sums(logits)
+    run.state.starts[key] = {"kl": run.divergence.mean(sums), "wer": errs.wer}
+    run.state.start_batches[key] = sums
+    run.state.errors[key] = errs.to_json()
+    run.save()
+
+
+def _starts(run: DefaultRun) -> None:
+    """Uniform starts: one method for every activation quantizer (weights per-channel max), each also
+    shifted where the data is one-sided; then the best of them with MSE-optimal weights. The lowest
+    dev KL is where the per-layer search starts."""
+    uniform = [spec_label(name, kw) for name, kw in UNIFORM]
+    for label in tqdm(uniform + [u + SHIFT for u in uniform if run.shiftable], desc="uniform starts",
+                      disable=not run.progress):
+        _score_start(run, label, "max")
+    starts = run.state.starts
+    best_act, _ = split_start_key(min(starts, key=lambda k: starts[k]["kl"]))  # ties: the first
+    _score_start(run, best_act, "mse")
+    run.start = min(starts, key=lambda k: starts[k]["kl"])
+    start_label, run.w_method = split_start_key(run.start)
+    run.set_weights(run.w_method)
+    run.chosen = {n: run.own_label(n, start_label) for n in run.acts}
+    for n in run.acts:
+        run.apply(n, run.chosen[n])
+    run.current_batches = run.state.start_batches[run.start]
+
+
+class LayerWalk:
+    """The candidate search of one activation quantizer, every other one as currently chosen: the
+    dev KL per batch of each label it scores (from the state when done before), the one-standard-
+    error comparison, and side-by-side scoring of the labels the walk compares next."""
+
+    def __init__(self, run: DefaultRun, n: str):
+        self.run, self.n, self.layer = run, n, n.rsplit(".", 1)[0]
+        self.done = run.state.layer_batches.setdefault(n, {})
+        self.per_batch = {run.chosen[n]: run.current_batches}
+
+    def batches_of(self, label: str) -> list[float]:
+        run = self.run
+        if label not in self.per_batch:
+            if label not in self.done:
+                run.apply(self.n, label)
+                self.done[label] = run.divergence.batch_sums(run.outputs(self.layer))
+                run.save()
+            self.per_batch[label] = self.done[label]
+        return self.per_batch[label]
+
+    def better(self, new: str, old: str) -> bool:
+        return self.run.divergence.clearly_lower(self.batches_of(new), self.batches_of(old))
+
+    def prefetch(self, labels: list[str]) -> None:
+        """Score the walk's next unscored labels side by side, once two or more are due (one suffix
+        forward of copies of each batch; one alone waits for batches_of)."""
+        run = self.run
+        due = [label for label in labels if label not in self.per_batch and label not in self.done]
+        if len(due) < 2:
+            return
+        with torch.inference_mode():
+            outs = run.runner.run_variants(self.layer, [lambda label=label: run.apply(self.n, label) for label in due])
+        for label, logits in zip(due, outs):
+            run.evaluations += 1
+            self.done[label] = run.divergence.batch_sums(logits)
+        run.save()
+
+    def ladder(self, shifted: bool) -> list[str]:
+        """The distinct candidates of one kind (plain or shifted), ordered by amax."""
+        n, chosen = self.n, self.run.chosen[self.n]
+        same = {k: a for k, (a, _) in self.run.candidates[n].items() if k.endswith(SHIFT) == shifted}
+        kept = distinct_candidates(same, self.run.acts[n].num_bits)
+        if shifted == chosen.endswith(SHIFT):
+            kept.setdefault(chosen, same[chosen])
+        return sorted(kept, key=kept.get)
+
+    def best(self) -> str:
+        """Walk the ladder of the current kind while the dev KL clearly falls, then try the other
+        kind of the winner and walk that ladder if it is better."""
+        run, n, chosen = self.run, self.n, self.run.chosen[self.n]
+        ahead = self.prefetch if run.variants_per_forward > 1 else None
+        best = walk_ladder(self.ladder(chosen.endswith(SHIFT)), chosen, self.better, ahead)
+        if n in run.shiftable:
+            twin = best.removesuffix(SHIFT) if best.endswith(SHIFT) else best + SHIFT
+            if self.better(twin, best):
+                other = self.ladder(twin.endswith(SHIFT))
+                best = walk_ladder(other if twin in other else sorted([*other, twin],
+                                   key=lambda k: run.candidates[n][k][0]), twin, self.better, ahead)
+        return best
+
+
+def _layers(run: DefaultRun) -> None:
+    """The best candidate per activation quantizer, in model order (the prefix before it cached)."""
+    run.layers = []
+    with folded_weight_quantizers(run.qsm.model):
+        for n in tqdm(list(run.acts), desc="per-layer calibrator search", disable=not run.progress):
+            walk = LayerWalk(run, n)
+            best = walk.best()
+            run.chosen[n], run.current_batches = best, walk.per_batch[best]
+            run.apply(n, best)
+            kl = {label: run.divergence.mean(v) for label, v in walk.per_batch.items()}
+            run.layers.append(LayerChoice(n, walk.layer, run.kinds.get(walk.layer, "other"), best,
+                                          *run.candidates[n][best], kl))
+    run.runner.clear()
+
+
+def _final(run: DefaultRun) -> None:
+    """Dev KL and errors of the chosen model, from one forward."""
+    with folded_weight_quantizers(run.qsm.model), torch.inference_mode():
+        final_logits = [forward_logits(run.qsm.model, b) for b in run.dev]
+    run.errors["stablequant"] = run.scorer.errors(final_logits)
+    run.final_kl = run.divergence(final_logits)
+
+
+PHASES = (Phase("calibrate", _calibrate), Phase("float", _float_reference), Phase("starts", _starts),
+          Phase("layers", _layers), Phase("final", _final))
+
+
 def run_layerwise(
     sm: SpeechModel,
     calib_batches: Sequence,
@@ -240,169 +441,19 @@ def run_layerwise(
     of each dev batch (:meth:`PrefixRunner.run_variants`), which costs less than two forwards
     even when one of them turns out unneeded; 1: one candidate per forward, as needed."""
     from sq_plugin.modelopt_private import calibrator_of
-    from sq_plugin.quantizers import set_mse_weight_amax, set_shift, weight_quantizers
 
-    s, scorer, state, kinds, clock = begin_recipe(sm, calib_batches, dev_batches, settings, state_path, resume,
-                                                  recipe="default")
-    for key in ("starts", "start_batches", "layer_batches", "errors"):
-        state.data.setdefault(key, {})
-    lap = clock.lap
-    qsm, acts, quantizers, enabled = calibrated_copy(sm, calib_batches, s)
-    model = qsm.model
-    shiftable = {n for n, q in acts.items() if one_sided(calibrator_of(q))}
-    candidates = {n: layer_candidates(calibrator_of(q), s.num_bins, n in shiftable) for n, q in acts.items()}
-    specs = {spec_label(name, kw): (name, kw, False) for name, kw in CANDIDATES}
-    specs.update({spec_label(name, kw) + SHIFT: (name, kw, True) for name, kw in CANDIDATES})
-    for n in shiftable:
-        set_shift(acts[n], 0.0)  # a zero shift is exact (x - 0 + 0); candidates then move it
-    weights = weight_quantizers(model)
-    weight_amax = {"max": {n: q.amax.clone() for n, (_, q) in weights.items()}}
-    set_mse_weight_amax(model)
-    weight_amax["mse"] = {n: q.amax.clone() for n, (_, q) in weights.items()}
-    lap("calibrate")
-
-    evaluations = 0
-    dev = scorer.batches  # this rank's share of the dev set
-    progress = progress and current_ranks().main
-    runner = PrefixRunner(model, forward_logits, dev)
-
-    def outputs(module_path: str | None) -> list[torch.Tensor]:
-        nonlocal evaluations
-        evaluations += 1
-        with torch.inference_mode():
-            return runner.run(module_path)
-
-    def set_weights(method: str) -> None:
-        for n, (_, q) in weights.items():
-            q.amax = weight_amax[method][n]
-
-    def own_label(n: str, label: str) -> str:
-        """A shifted label on a quantizer without shifted candidates means its plain twin."""
-        return label if label in candidates[n] else label.removesuffix(SHIFT)
-
-    def apply(n: str, label: str) -> None:
-        amax, bias = candidates[n][label]
-        acts[n].amax = amax
-        if n in shiftable:
-            acts[n].bias_value = torch.tensor(bias)
-
-    with fast_fake_quant(model):
-        for q in quantizers.values():  # fp32 reference: every quantizer off
-            q.disable()
-        with torch.inference_mode():
-            ref_logits = [forward_logits(model, b) for b in dev]
-        divergence = LogitDivergence(ref_logits, scorer.shard)
-        errors = {"fp32": scorer.errors(ref_logits)}
-        float_wer = errors["fp32"].wer
-        for n, q in quantizers.items():
-            q.enable() if n in enabled else q.disable()
-        lap("float")
-
-        # Uniform starts: one method for every activation quantizer (weights per-channel max), each
-        # also shifted where the data is one-sided; then the best of them with MSE-optimal weights.
-        def start_run(label: str, w: str) -> None:
-            key = f"{label}/{w}"
-            if key not in state.data["starts"]:
-                set_weights(w)
-                for n in acts:
-                    apply(n, own_label(n, label))
-                with folded_weight_quantizers(model):
-                    logits = outputs(None)
-                errs = scorer.errors(logits)
-                sums = divergence.batch_sums(logits)
-                state.data["starts"][key] = {"kl": divergence.mean(sums), "wer": errs.wer}
-                state.data["start_batches"][key] = sums
-                state.data["errors"][key] = errs.to_json()
-                state.save()
-
-        uniform = [spec_label(name, kw) for name, kw in UNIFORM]
-        for label in tqdm(uniform + [u + SHIFT for u in uniform if shiftable], desc="uniform starts",
-                          disable=not progress):
-            start_run(label, "max")
-        starts = state.data["starts"]
-        best_act = min(starts, key=lambda k: starts[k]["kl"]).rsplit("/", 1)[0]  # ties: the first
-        start_run(best_act, "mse")
-        start = min(starts, key=lambda k: starts[k]["kl"])
-        start_label, w_method = start.rsplit("/", 1)
-        set_weights(w_method)
-        chosen = {n: own_label(n, start_label) for n in acts}
-        for n in acts:
-            apply(n, chosen[n])
-        current_batches = state.data["start_batches"][start]
-        lap("starts")
-
-        # The best candidate per activation quantizer, in model order (prefix before it cached):
-        # walk the ladder of its current kind (plain or shifted) by amax while the dev KL clearly falls,
-        # then try the other kind of the winner and walk that ladder if it is better.
-        layers = []
-        with folded_weight_quantizers(model):
-            for n in tqdm(list(acts), desc="per-layer calibrator search", disable=not progress):
-                layer = n.rsplit(".", 1)[0]
-                done = state.data["layer_batches"].setdefault(n, {})
-                per_batch = {chosen[n]: current_batches}
-
-                def batches_of(label: str) -> list[float]:
-                    if label not in per_batch:
-                        if label not in done:
-                            apply(n, label)
-                            done[label] = divergence.batch_sums(outputs(layer))
-                            state.save()
-                        per_batch[label] = done[label]
-                    return per_batch[label]
-
-                def better(new: str, old: str) -> bool:
-                    return divergence.clearly_lower(batches_of(new), batches_of(old))
-
-                def prefetch(labels: list[str]) -> None:
-                    """Score the walk's next unscored labels side by side, once two or more are due
-                    (one suffix forward of copies of each batch; one alone waits for batches_of)."""
-                    nonlocal evaluations
-                    due = [label for label in labels if label not in per_batch and label not in done]
-                    if len(due) < 2:
-                        return
-                    with torch.inference_mode():
-                        outs = runner.run_variants(layer, [lambda label=label: apply(n, label) for label in due])
-                    for label, logits in zip(due, outs):
-                        evaluations += 1
-                        done[label] = divergence.batch_sums(logits)
-                    state.save()
-
-                def ladder(shifted: bool) -> list[str]:
-                    same = {k: a for k, (a, _) in candidates[n].items() if k.endswith(SHIFT) == shifted}
-                    kept = distinct_candidates(same, acts[n].num_bits)
-                    if shifted == chosen[n].endswith(SHIFT):
-                        kept.setdefault(chosen[n], same[chosen[n]])
-                    return sorted(kept, key=kept.get)
-
-                ahead = prefetch if variants_per_forward > 1 else None
-                best = walk_ladder(ladder(chosen[n].endswith(SHIFT)), chosen[n], better, ahead)
-                if n in shiftable:
-                    twin = best.removesuffix(SHIFT) if best.endswith(SHIFT) else best + SHIFT
-                    if better(twin, best):
-                        other = ladder(twin.endswith(SHIFT))
-                        best = walk_ladder(other if twin in other else sorted([*other, twin],
-                                           key=lambda k: candidates[n][k][0]), twin, better, ahead)
-                chosen[n], current_batches = best, per_batch[best]
-                apply(n, best)
-                kl = {label: divergence.mean(v) for label, v in per_batch.items()}
-                layers.append(LayerChoice(n, layer, kinds.get(layer, "other"), best, *candidates[n][best], kl))
-        runner.clear()
-        lap("layers")
-
-        with folded_weight_quantizers(model), torch.inference_mode():
-            final_logits = [forward_logits(model, b) for b in dev]
-        errors["stablequant"] = scorer.errors(final_logits)
-        final_kl = divergence(final_logits)
-        lap("final")
-
-    config = base_config(s, layer_calibrators={n: spec_entry(*specs[chosen[n]]) for n in acts},
-                         weight_calibrator=w_method)
-    dev_errors = {k: v.to_json() for k, v in errors.items()}
-    dev_errors.update(state.data["errors"])
+    run = DefaultRun(sm, calib_batches, dev_batches, settings, state_path, resume, DefaultState, progress,
+                     recipe="default")
+    run.variants_per_forward = variants_per_forward
+    run_phases(run, PHASES)
+    config = base_config(run.s, layer_calibrators={n: spec_entry(*run.specs[run.chosen[n]]) for n in run.acts},
+                         weight_calibrator=run.w_method)
+    dev_errors = {k: v.to_json() for k, v in run.errors.items()}
+    dev_errors.update(run.state.errors)
     return LayerwiseResult(
-        recipe="default", settings=asdict(s), float_wer=float_wer, starts=dict(starts), start=start,
-        weight_calibrator=w_method, layers=layers, final_kl=final_kl, final_wer=errors["stablequant"].wer,
-        amax={n: float(q.amax) for n, q in acts.items()}, config=config, evaluations=evaluations,
-        seconds=clock.seconds, dev_errors=dev_errors, model=qsm,
-        histograms={n: histogram_arrays(calibrator_of(q)) for n, q in acts.items()},
+        recipe="default", settings=asdict(run.s), float_wer=run.errors["fp32"].wer, starts=dict(run.state.starts),
+        start=run.start, weight_calibrator=run.w_method, layers=run.layers, final_kl=run.final_kl,
+        final_wer=run.errors["stablequant"].wer, amax={n: float(q.amax) for n, q in run.acts.items()},
+        config=config, evaluations=run.evaluations, seconds=run.clock.seconds, dev_errors=dev_errors,
+        model=run.qsm, histograms={n: histogram_arrays(calibrator_of(q)) for n, q in run.acts.items()},
     )
