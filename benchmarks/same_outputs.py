@@ -52,7 +52,8 @@ def run_revision(rev: str, work: Path, limit: int) -> dict:
                     "from recipes.cli import main; sys.exit(main(sys.argv[2:]))")
             cmd = [sys.executable, "-c", code, str(tree), *argv, "--limit", str(limit), "--out", str(out)]
             print(f"[{rev}] {name}", flush=True)
-            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+            # cwd: the tree (python -c puts the working directory first on sys.path)
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, cwd=tree)
             outputs[name] = {f: plain(json.loads((out / f).read_text())) for f in files}
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
