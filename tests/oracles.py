@@ -82,3 +82,38 @@ def dq_nodes(proto):
 def activation_step(sm):
     return max(float(q.amax.max()) / 127 for n, q in enabled_quantizers(sm.model).items()
                if n.endswith("input_quantizer"))
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance of two strings, by the textbook dynamic programme."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def assert_near_transcripts(got: list[str], want: list[str]) -> None:
+    """ONNX Runtime's int8 transcripts against the quantized PyTorch model's: equal but for the odd
+    character where an int8 rounding tie flips (ORT accumulates in integers, fake quant in float)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert edit_distance(g, w) <= max(1, len(w) // 4), (g, w)
+
+
+def assert_prefix_cache_exact(model, quantizers: dict, acts: list[str], batches) -> None:
+    """With one quantizer enabled at a time (model order, as Stage 1 visits them), the prefix-cached
+    suffix forward equals the full forward exactly."""
+    from recipes.evaluation.asr import forward_logits
+    from recipes.search.reuse import PrefixRunner
+
+    runner = PrefixRunner(model, forward_logits, batches)
+    with torch.inference_mode():
+        for name in acts:
+            for n, q in quantizers.items():
+                q.enable() if n == name else q.disable()
+            full = [forward_logits(model, b) for b in batches]
+            for a, b in zip(full, runner.run(name.rsplit(".", 1)[0])):
+                assert torch.equal(a, b), name
+    return runner

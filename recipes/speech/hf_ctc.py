@@ -1,9 +1,13 @@
-"""Hugging Face CTC family: wav2vec2, HuBERT, WavLM, data2vec-audio through transformers.
+"""Hugging Face CTC family: every wav2vec2-style CTC class of transformers.
 
-Directories written by any transformers ``save_pretrained`` (model.safetensors, sharded
-safetensors, or pytorch_model.bin read with weights_only; vocab.json; preprocessor_config.json or
-transformers 5's processor_config.json), in-memory models with their processor, and random-weight
-models with the real checkpoint shapes (tests and benchmarks run with no hub).
+wav2vec2, HuBERT, WavLM, data2vec-audio, wav2vec2-conformer, UniSpeech, UniSpeech-SAT, SEW and
+SEW-D (raw 16 kHz waveform in, a CNN front end, Transformer/Conformer layers, a CTC head). Directories
+written by any transformers ``save_pretrained`` (model.safetensors, sharded safetensors, or
+pytorch_model.bin read with weights_only; vocab.json; preprocessor_config.json or transformers 5's
+processor_config.json), in-memory models with their processor, and random-weight models with the
+real checkpoint shapes (tests and benchmarks run with no hub). Classes and settings the recipes
+cannot run exactly (Wav2Vec2BertForCTC's mel input, a strided adapter after the encoder, ...) are
+refused up front with one line (:func:`unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ SUPPORTED_ARCHS = {
     "HubertForCTC": ("HubertForCTC", "HubertConfig", "hubert"),
     "WavLMForCTC": ("WavLMForCTC", "WavLMConfig", "wavlm"),
     "Data2VecAudioForCTC": ("Data2VecAudioForCTC", "Data2VecAudioConfig", "data2vec-audio"),
+    "Wav2Vec2ConformerForCTC": ("Wav2Vec2ConformerForCTC", "Wav2Vec2ConformerConfig", "wav2vec2-conformer"),
+    "UniSpeechForCTC": ("UniSpeechForCTC", "UniSpeechConfig", "unispeech"),
+    "UniSpeechSatForCTC": ("UniSpeechSatForCTC", "UniSpeechSatConfig", "unispeech-sat"),
+    "SEWForCTC": ("SEWForCTC", "SEWConfig", "sew"),
+    "SEWDForCTC": ("SEWDForCTC", "SEWDConfig", "sew-d"),
+}
+# CTC classes of transformers the recipes refuse, and why (one line each)
+REFUSED_ARCHS = {
+    "Wav2Vec2BertForCTC": "it takes log-mel input_features (a SeamlessM4T feature extractor), not the raw "
+                          "waveform input_values every recipe, the prefix cache and the ONNX export feed",
+    "ParakeetForCTC": "it takes log-mel input_features, not the raw waveform input_values the recipes feed",
+    "LasrForCTC": "it takes log-mel input_features, not the raw waveform input_values the recipes feed",
 }
 SHORT_TO_ARCH = {short: name for name, (_, _, short) in SUPPORTED_ARCHS.items()}
 
@@ -60,8 +76,53 @@ _SHAPES = {
 }
 
 
-def random_config(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 32):
-    """HF config with real architecture shapes (no download): the basis of random_model."""
+# SEW / SEW-D: a 13-layer CNN (stride-1 layers between the strided ones), squeezed encoder
+_SEW_CONV = dict(conv_dim=(64, 128, 128, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512),
+                 conv_stride=(5, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1),
+                 conv_kernel=(10, 3, 1, 3, 1, 3, 1, 3, 1, 2, 1, 2, 1))
+
+
+def _arch_params(shape: str, arch: str) -> dict:
+    """Shape parameters of one architecture, in its config class's own field names."""
+    params = dict(_SHAPES[shape], conv_kernel=_CONV_KERNEL, conv_stride=_CONV_STRIDE)
+    tiny = shape == "tiny"
+    if arch == "data2vec-audio":
+        # data2vec-audio: layer-norm CNN with bias, 5 small positional convs instead of one big one
+        params.update(feat_extract_norm="layer", conv_bias=True)
+        params.pop("do_stable_layer_norm")
+        params.update(num_conv_pos_embedding_layers=5, conv_pos_kernel_size=5 if tiny else 19)
+        params.pop("num_conv_pos_embeddings")
+    elif arch == "wav2vec2-conformer":
+        # the conformer checkpoints (wav2vec2-conformer-rel-pos-large / -rope-large) are large
+        # layer-norm CNNs with bias; every layer is pre-LN by construction (no do_stable_layer_norm)
+        params.pop("do_stable_layer_norm")
+        params.update(position_embeddings_type="relative", conv_depthwise_kernel_size=3 if tiny else 31,
+                      max_source_positions=5000)
+        if not tiny:
+            params.update(feat_extract_norm="layer", conv_bias=True)
+    elif arch in ("sew", "sew-d"):
+        params.pop("do_stable_layer_norm")
+        params.update(squeeze_factor=2)
+        if not tiny:
+            params.update(_SEW_CONV)
+        if arch == "sew-d":
+            # DeBERTa-style disentangled attention with shared, bucketed relative position embeddings
+            params.update(position_buckets=16 if tiny else 256, max_position_embeddings=64 if tiny else 512,
+                          relative_attention=True, pos_att_type=("p2c", "c2p"), norm_rel_ebd="layer_norm",
+                          hidden_act="gelu_python")
+    elif arch == "wavlm" and tiny:
+        params.update(num_buckets=32, max_bucket_distance=80)  # WavLM's relative position buckets
+    return params
+
+
+def random_config(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 32, **overrides):
+    """HF config with real architecture shapes (no download): the basis of random_model.
+
+    ``overrides`` set config fields after the shape, e.g. ``feat_extract_norm="layer",
+    do_stable_layer_norm=True, conv_bias=True`` (the large checkpoints) or
+    ``position_embeddings_type="rotary"`` (wav2vec2-conformer); a field the config class does not
+    have is refused, so a misspelt switch cannot silently do nothing.
+    """
     import transformers
 
     if shape not in _SHAPES:
@@ -70,19 +131,48 @@ def random_config(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int =
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(SHORT_TO_ARCH)}")
     arch_name = SHORT_TO_ARCH[arch]
     _, config_cls_name, _ = SUPPORTED_ARCHS[arch_name]
-    params = dict(_SHAPES[shape])
-    if arch == "data2vec-audio":
-        # data2vec-audio: layer-norm CNN with bias, 5 small positional convs instead of one big one
-        params.update(feat_extract_norm="layer", conv_bias=True)
-        params.pop("do_stable_layer_norm")
-        params.update(num_conv_pos_embedding_layers=5, conv_pos_kernel_size=19 if shape != "tiny" else 5)
-        params.pop("num_conv_pos_embeddings")
     config_cls = getattr(transformers, config_cls_name)
+    defaults = config_cls()
+    unknown = sorted(k for k in overrides if not hasattr(defaults, k))
+    if unknown:
+        raise ValueError(f"{config_cls_name} has no field(s) {', '.join(unknown)}")
+    params = {**_arch_params(shape, arch), **overrides}
     return config_cls(
-        vocab_size=vocab_size, conv_kernel=_CONV_KERNEL, conv_stride=_CONV_STRIDE,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, ctc_loss_reduction="mean",
+        vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2, ctc_loss_reduction="mean",
         architectures=[arch_name], **params,
     )
+
+
+def unsupported_reason(config, arch: str | None = None) -> str | None:
+    """Why the recipes cannot run this CTC class / configuration exactly (one line), or None.
+
+    Checked before any weight is read, so a refused model fails at once with the class named.
+    """
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    if arch is None:
+        archs = get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHS or a in REFUSED_ARCHS), None)
+        arch = arch or (archs[0] if archs else None)
+    if arch in REFUSED_ARCHS:
+        return f"{arch} is not supported: {REFUSED_ARCHS[arch]}"
+    if arch not in SUPPORTED_ARCHS:
+        return None  # not ours to judge here: the caller names the supported classes
+    if get("add_adapter", False):
+        return (f"{arch} with add_adapter=true is not supported: its strided adapter after the encoder "
+                "changes the frame rate that the frame counts and the ONNX export take from the CNN alone")
+    if arch == "Wav2Vec2ConformerForCTC":
+        kind = get("position_embeddings_type", "relative")
+        if kind not in ("relative", "rotary", None):
+            return (f"{arch} with position_embeddings_type={kind!r} is not supported: transformers' "
+                    "Wav2Vec2Conformer implements 'relative', 'rotary' and None only (any other value, e.g. "
+                    "Wav2Vec2Bert's 'relative_key', would run with no position information at all)")
+    return None
+
+
+def check_supported(config, arch: str | None = None) -> None:
+    reason = unsupported_reason(config, arch)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _char_vocab(vocab_size: int) -> list[str]:
@@ -94,24 +184,107 @@ def _char_vocab(vocab_size: int) -> list[str]:
 
 
 def random_model(shape: str = "tiny", arch: str = "wav2vec2", vocab_size: int = 32,
-                 seed: int = 0, device: str | torch.device | None = None) -> SpeechModel:
+                 seed: int = 0, device: str | torch.device | None = None, **overrides) -> SpeechModel:
     """Random-weight CTC model with real shapes: lets tests and benchmarks run with no hub.
 
-    device="meta" builds the module tree without allocating weights (shape/inventory checks).
+    device="meta" builds the module tree without allocating weights (shape/inventory checks);
+    ``overrides`` set config switches (see :func:`random_config`); a configuration the recipes
+    refuse (:func:`unsupported_reason`) is refused here too.
     """
     import transformers
 
-    config = random_config(shape, arch, vocab_size)
+    config = random_config(shape, arch, vocab_size, **overrides)
+    check_supported(config)
     torch.manual_seed(seed)
     model_cls = getattr(transformers, SUPPORTED_ARCHS[config.architectures[0]][0])
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = model_cls(config).eval()
+        model = prepare_model(model_cls(config).eval())
     return SpeechModel(
         model=model, arch=config.architectures[0], vocab=_char_vocab(vocab_size), blank_id=0,
         word_delimiter="|", sampling_rate=16000, do_normalize=True,
         return_attention_mask=config.feat_extract_norm == "layer",
         name=f"random-{arch}-{shape}", family="huggingface",
     )
+
+
+# ----------------------------------------------------------------------------- family fixes
+
+
+class _UnusedWeights(nn.Module):
+    """Weights a checkpoint holds for a module its forward never calls: kept under the same names so
+    the state dict round-trips, but no longer a Conv1d, so no quantizer waits for a tensor that
+    never comes (a calibrator with no data cannot choose a range)."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this module is never called by its model's forward")
+
+
+def _retire_unused_pos_conv(model: nn.Module) -> None:
+    """Wav2Vec2Conformer builds ``encoder.pos_conv_embed`` but its forward never calls it (the
+    positions come from the relative or rotary embedding): replace it by its bare weights."""
+    import inspect
+
+    for encoder in list(model.modules()):
+        pos = getattr(encoder, "pos_conv_embed", None)
+        if type(encoder).__name__ != "Wav2Vec2ConformerEncoder" or not isinstance(pos, nn.Module) \
+                or isinstance(pos, _UnusedWeights):
+            continue
+        if "pos_conv_embed(" in inspect.getsource(type(encoder).forward):
+            continue  # a transformers version that uses it: keep it
+        remove_weight_norm(pos)
+        holder = _UnusedWeights()
+        for child_name, child in pos.named_children():
+            if not any(True for _ in child.parameters()):
+                continue
+            weights = _UnusedWeights()
+            for pname, param in child.named_parameters(recurse=False):
+                weights.register_parameter(pname, param)
+            holder.add_module(child_name, weights)
+        encoder.pos_conv_embed = holder
+
+
+def _wavlm_attention_through_modules(self, hidden_states, attention_mask, gated_position_bias,
+                                     output_attentions):
+    """WavLMAttention.torch_multi_head_self_attention with q/k/v/out_proj called as modules.
+
+    transformers' version hands the projection weights to F.multi_head_attention_forward, so the
+    Linear modules never run: their quantizers would see no tensor and the weights would stay
+    float. Same computation (projections, the gated relative position bias plus the padding mask
+    added to the scores, SDPA, output projection) through the modules.
+    """
+    if output_attentions:  # averaged attention weights: transformers' own path
+        return type(self).torch_multi_head_self_attention(self, hidden_states, attention_mask,
+                                                          gated_position_bias, output_attentions)
+    bsz, tgt_len, embed_dim = hidden_states.shape
+    heads = self.num_heads
+
+    def split(x):
+        return x.view(bsz, tgt_len, heads, embed_dim // heads).transpose(1, 2)
+
+    query, key, value = (split(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    bias = gated_position_bias.view(bsz, heads, tgt_len, tgt_len)
+    if attention_mask is not None:
+        bias = bias.masked_fill(attention_mask.ne(1)[:, None, None, :], float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias, dropout_p=float(self.dropout) if self.training else 0.0)
+    return self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)), None
+
+
+def _route_wavlm_projections(model: nn.Module) -> None:
+    import types
+
+    for module in model.modules():
+        if type(module).__name__ == "WavLMAttention" and "torch_multi_head_self_attention" not in module.__dict__:
+            module.torch_multi_head_self_attention = types.MethodType(_wavlm_attention_through_modules, module)
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """What every recipe needs of an HF CTC model beyond transformers' own: each quantizable module
+    runs as a module (WavLM's attention projections) and no module is dead weight (the conformer's
+    unused positional conv). Logits unchanged up to float rounding; in place, returns ``model``."""
+    _retire_unused_pos_conv(model)
+    _route_wavlm_projections(model)
+    return model
 
 
 # ----------------------------------------------------------------------------- load / save
@@ -252,6 +425,9 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
     config = _read_json(config_path)
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHS), None)
+    refused = unsupported_reason(config, arch)
+    if refused is not None:
+        raise ValueError(f"{directory}: {refused}")
     if arch is None:
         raise ValueError(f"{directory}: architecture {archs or '(none given)'} is not a supported "
                          f"CTC model; supported: {', '.join(SUPPORTED_ARCHS)}")
@@ -288,8 +464,8 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
     if model.config.vocab_size != len(fields["vocab"]):
         log.warning("%s: lm_head has %d outputs but the tokenizer has %d tokens",
                     directory, model.config.vocab_size, len(fields["vocab"]))
-    return SpeechModel(model=model.eval(), arch=arch, **fields, name=directory.name, source=str(directory),
-                       family="huggingface")
+    return SpeechModel(model=prepare_model(model.eval()), arch=arch, **fields, name=directory.name,
+                       source=str(directory), family="huggingface")
 
 
 def _transformers_processor(directory: Path):
@@ -332,6 +508,27 @@ def _hf_layer_passthrough(self, hidden_states, *args, **kwargs):
     return (hidden_states,)
 
 
+def _tensor_layer_passthrough(self, hidden_states, *args, **kwargs):
+    # SEW-D's DeBERTa-style layers return the hidden state itself (not a tuple); the relative
+    # positions and the shared relative embeddings are computed once above the layers
+    return hidden_states
+
+
+def _layer_list(model) -> tuple[str, str, bool]:
+    """(encoder path, layers path, layers return a plain tensor) of a wav2vec2-style model.
+
+    wav2vec2 / HuBERT / WavLM / data2vec-audio / conformer / UniSpeech(-SAT) / SEW: ``encoder.layers``
+    (tuple outputs); SEW-D: ``encoder.encoder.layer``, DeBERTa style, inside the SEW encoder that
+    pools before and upsamples after them (tensor outputs).
+    """
+    names = [n for n, _ in model.named_modules()]
+    deberta = [n for n in names if n == "encoder.encoder.layer" or n.endswith(".encoder.encoder.layer")]
+    if len(deberta) == 1:
+        return deberta[0].rsplit(".", 2)[0], deberta[0], True
+    layers = find_module(model, "encoder.layers")
+    return layers.rsplit(".", 1)[0], layers, False
+
+
 class HFCTCFamily(SpeechFamily):
     name = "huggingface"
     description = ("a Hugging Face CTC directory (config.json + model.safetensors / sharded safetensors / "
@@ -347,9 +544,11 @@ class HFCTCFamily(SpeechFamily):
         """An in-memory HF CTC model and its processor (or tokenizer) for the vocabulary."""
         if processor is None:
             raise ValueError("an in-memory model needs its processor (or tokenizer) for the vocabulary")
+        config = getattr(model, "config", None)
+        check_supported(config if config is not None else {}, type(model).__name__)
         fields = _processor_fields(getattr(processor, "tokenizer", processor),
                                    getattr(processor, "feature_extractor", None))
-        return SpeechModel(model=remove_weight_norm(model).eval(), arch=type(model).__name__, **fields,
+        return SpeechModel(model=prepare_model(remove_weight_norm(model).eval()), arch=type(model).__name__, **fields,
                            name=type(model).__name__, family=self.name)
 
     def claims_module(self, model: nn.Module) -> bool:
@@ -365,13 +564,15 @@ class HFCTCFamily(SpeechFamily):
         return model._get_feat_extract_output_lengths(torch.as_tensor(lengths))
 
     def blocks(self, model) -> BlockLayout:
-        pos = [n for n, _ in model.named_modules() if n.endswith("pos_conv_embed")]
+        encoder, layers, tensor_out = _layer_list(model)
+        pos = [n for n, m in model.named_modules() if n.endswith("pos_conv_embed")
+               and any(isinstance(c, nn.Conv1d) for c in m.modules())]
         return BlockLayout(
             front_end=find_module(model, "feature_extractor"),
             convs=find_module(model, "feature_extractor.conv_layers"),
-            encoder=find_module(model, "encoder"), layers=find_module(model, "encoder.layers"),
+            encoder=encoder, layers=layers,
             head=find_module(model, "lm_head"), pos_conv=pos[0] if len(pos) == 1 else None,
-            layer_passthrough=_hf_layer_passthrough)
+            layer_passthrough=_tensor_layer_passthrough if tensor_out else _hf_layer_passthrough)
 
     def conv_geometry(self, model):
         config = model.config
@@ -386,10 +587,29 @@ class HFCTCFamily(SpeechFamily):
         previous = getattr(config, "_attn_implementation", None)
         with contextlib.ExitStack() as stack:
             stack.enter_context(_no_mask_when_unmasked(model))
+            stack.enter_context(_no_cached_rotary(model))
             if previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation("eager")
                 stack.callback(model.set_attn_implementation, previous)
             yield
+
+
+@contextlib.contextmanager
+def _no_cached_rotary(model):
+    """Forget the conformer's rotary table (cached per sequence length) around tracing: one cached
+    at the trace length would be baked into the graph as a constant, and the ONNX file would run
+    at that length only."""
+    holders = [m for m in model.modules() if hasattr(m, "cached_rotary_positional_embedding")]
+
+    def forget():
+        for m in holders:
+            m.cached_sequence_length, m.cached_rotary_positional_embedding = None, None
+
+    forget()
+    try:
+        yield
+    finally:
+        forget()
 
 
 @contextlib.contextmanager
