@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from recipes.data.readers import BatchList, Utterance, group_batches, make_batches, normalize_waveform, open_dataset
 from recipes.demo import DEMO_MODEL_DIR, demo_data
+from recipes.evaluation import systems
 from recipes.evaluation.asr import evaluate, wer_cer
 from recipes.search.autoquant import run_auto_quantize
 from recipes.search.engine import Settings
@@ -97,16 +98,17 @@ def run_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, settings: Settin
     else:
         result = run_stablequant(sm, calib, dev, settings, state_path=state_path, resume=resume, progress=progress)
     elapsed = time.perf_counter() - start
-    errors = {"fp32": UtteranceErrors.from_json(result.dev_errors["fp32"]),
+    errors = {systems.FP32: UtteranceErrors.from_json(result.dev_errors[systems.FP32]),
               **uniform_dev_errors(result, DevScorer(sm, dev))}
-    final = "stablequant" if recipe == "default" else "stablequant_paper"
+    final = systems.DEFAULT if recipe == "default" else systems.PAPER
     errors[final] = UtteranceErrors.from_json(result.dev_errors[final])
     meta = {"model": sm.source or sm.name, "arch": sm.arch, "recipe": recipe,
             "calib_utterances": sum(len(b.ids) for b in calib), "dev_utterances": sum(len(b.ids) for b in dev),
             "seconds": round(elapsed, 1),
             "dev": {k: {"wer": e.wer, "cer": e.cer, "words": int(e.words.sum()),
                         "word_errors": int(e.word_edits.sum())} for k, e in errors.items()},
-            "dev_intervals": intervals(errors, "fp32", [k for k in errors if k not in ("fp32", final)], seed=seed)}
+            "dev_intervals": intervals(errors, systems.FP32, [k for k in errors if k not in (systems.FP32, final)],
+                                      seed=seed)}
     return result, meta
 
 

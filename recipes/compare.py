@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from recipes.evaluation import systems
 from recipes.evaluation.asr import UtteranceErrors, forward_logits, intervals, paired_bootstrap
 from recipes.runtime.distributed import current_ranks
 from recipes.search.engine import DevScorer, Settings
@@ -30,7 +31,7 @@ def baseline_amax(cal, method: str) -> float:
     return calibrator_amax(cal, name, kwargs)
 
 
-BASELINES = tuple(BASELINE_SPECS)
+BASELINES = systems.BASELINES  # each has its calibrator in BASELINE_SPECS (tested)
 
 
 def outputs(model: torch.nn.Module, batches: Sequence) -> list[torch.Tensor]:
@@ -122,17 +123,17 @@ def _test_errors(paper, default, cnn_layers: list[str], test_scorer: DevScorer, 
             for n in cnn_quantizers:
                 quantizers[n].enable()
 
-    errors = {"fp32": fp32_errors}
-    jobs = [(m, False) for m in BASELINES] + [("max", True), ("percentile", True), ("stablequant_paper", False)]
+    errors = {systems.FP32: fp32_errors}
+    jobs = [(m, False) for m in BASELINES] + [("max", True), ("percentile", True), (systems.PAPER, False)]
     for method, tr_only in tqdm(jobs, desc=f"compare W{b}A{b} on test", leave=False,
                                 disable=not current_ranks().main):
-        amax = paper.amax if method == "stablequant_paper" else {
+        amax = paper.amax if method == systems.PAPER else {
             n: baseline_amax(calibrator_of(q), method) for n, q in acts.items()}
-        key = f"{method}_tr_only" if tr_only else method
+        key = systems.tr_only(method) if tr_only else method
         errors[key] = errors_with(amax, tr_only)
     errors_with(paper.amax)  # leave the model as the paper's recipe chose
     with fast_fake_quant(default.model.model):
-        errors["stablequant"] = test_scorer.errors(outputs(default.model.model, test_scorer.batches))
+        errors[systems.DEFAULT] = test_scorer.errors(outputs(default.model.model, test_scorer.batches))
     return errors
 
 
@@ -144,10 +145,10 @@ def _bits_row(paper, default, errors: dict[str, UtteranceErrors], subset_rows: d
                  "paper_dev_wer": paper.final_wer,
                  "layer_calibrators": {c.quantizer: c.chosen for c in default.layers},
                  "weight_calibrator": default.weight_calibrator}
-    row.update({k: e.wer for k, e in errors.items() if k != "fp32"})
-    systems = {k: e for k, e in errors.items() if not k.endswith("_tr_only")}
-    row["intervals"] = intervals(systems, "fp32", [*BASELINES, "stablequant_paper"], resamples, seed)
-    row["subsets"] = {name: {k: _subset(e, rows).wer for k, e in systems.items()}
+    row.update({k: e.wer for k, e in errors.items() if k != systems.FP32})
+    whole = {k: e for k, e in errors.items() if not k.endswith(systems.TR_ONLY)}
+    row["intervals"] = intervals(whole, systems.FP32, [*BASELINES, systems.PAPER], resamples, seed)
+    row["subsets"] = {name: {k: _subset(e, rows).wer for k, e in whole.items()}
                       for name, rows in subset_rows.items()}
     return row
 

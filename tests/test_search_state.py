@@ -61,3 +61,10 @@ def test_newer_or_foreign_state_is_refused(tmp_path):
         StateFile(path, PaperState, {**FINGERPRINT, "wbits": 6, "num_bins": 512}, resume=True)
     with pytest.raises(FileExistsError, match="pass --resume"):
         StateFile(path, PaperState, FINGERPRINT, resume=False)
+
+
+def test_every_baseline_system_has_its_calibrator():
+    from recipes.evaluation import systems
+    from recipes.search.layerwise import BASELINE_SPECS
+
+    assert systems.BASELINES == tuple(BASELINE_SPECS)  # compare.json's column order is this order

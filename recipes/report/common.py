@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recipes.evaluation import systems
 from recipes.runtime.atomic import atomic_output, write_json_atomic, write_text_atomic
 
 REAPPLY = ("Re-apply with `import sq_plugin`, `recipes.speech.models.remove_weight_norm(model)` (ModelOpt cannot wrap "
@@ -11,8 +12,7 @@ REAPPLY = ("Re-apply with `import sq_plugin`, `recipes.speech.models.remove_weig
            "`mtq.quantize(model, json.load(open('modelopt_config.json')), forward_loop)` (a config with "
            "`block_sizes`: `recipes.search.qconfig.load_config('modelopt_config.json')` instead of `json.load`, which "
            "turns their integer axes into strings ModelOpt 0.47 refuses).")
-SYSTEM_NAMES = {"fp32": "fp32", "max": "Max", "percentile": "Percentile", "mse": "MSE", "entropy": "Entropy",
-                "stablequant_paper": "StableQuant (paper recipe)", "stablequant": "StableQuant (default recipe)"}
+SYSTEM_NAMES = systems.DISPLAY
 
 
 def save_figure(fig, path: Path) -> None:

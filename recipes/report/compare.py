@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recipes.evaluation import systems
 from recipes.runtime.atomic import write_json_atomic, write_text_atomic
 
 from .common import SYSTEM_NAMES, ci_text, count_text, markdown_table, short_layer
@@ -13,11 +14,11 @@ from .mixed import mixed_compare_markdown
 def compare_markdown(table: dict) -> str:
     bits = list(table["bits"])
     fp32 = table["fp32_test_wer"]
-    methods = ["max", "percentile", "mse", "entropy", "stablequant_paper", "stablequant"]
+    methods = [*systems.BASELINES, systems.PAPER, systems.DEFAULT]
     t1 = markdown_table(
         ["precision", "TR-layers MAX", "All-layers MAX", "TR-layers Pct", "All-layers Pct"],
         [["fp32", fp32, fp32, fp32, fp32]] + [
-            [f"W{b}A{b}", r["max_tr_only"], r["max"], r["percentile_tr_only"], r["percentile"]]
+            [f"W{b}A{b}", r[systems.tr_only("max")], r["max"], r[systems.tr_only("percentile")], r["percentile"]]
             for b, r in table["bits"].items()],
     )
 

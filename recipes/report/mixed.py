@@ -5,18 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recipes.evaluation import systems
+
 from .common import REAPPLY, ci_text, markdown_table, pyplot, save_and_close, short_layer, write_outputs
 
 
 def mixed_markdown(result, meta: dict) -> str:
     dev, ci = meta["dev"], meta["dev_intervals"]
-    names = {"fp32": "fp32", "default_w8a8": "default recipe W8A8 (its own weights)",
-             **{f"uniform_{k}": f"uniform {k}" for k in result.uniform},
-             **{f"mixed_{k}": f"mixed, budget {result.budget_bits}, allocated by {k}" for k in result.candidates},
-             "mixed": f"mixed, budget {result.budget_bits} (chosen: {result.score})"}
-    bits = {"fp32": 32.0, "default_w8a8": 8.0, **{f"uniform_{k}": v["avg_bits"] for k, v in result.uniform.items()},
-            **{f"mixed_{k}": v["avg_weight_bits"] for k, v in result.candidates.items()},
-            "mixed": result.avg_weight_bits}
+    names = {systems.FP32: "fp32", systems.DEFAULT_W8A8: "default recipe W8A8 (its own weights)",
+             **{systems.uniform(k): f"uniform {k}" for k in result.uniform},
+             **{systems.mixed_by(k): f"mixed, budget {result.budget_bits}, allocated by {k}"
+                for k in result.candidates},
+             systems.MIXED: f"mixed, budget {result.budget_bits} (chosen: {result.score})"}
+    bits = {systems.FP32: 32.0, systems.DEFAULT_W8A8: 8.0,
+            **{systems.uniform(k): v["avg_bits"] for k, v in result.uniform.items()},
+            **{systems.mixed_by(k): v["avg_weight_bits"] for k, v in result.candidates.items()},
+            systems.MIXED: result.avg_weight_bits}
     summary = markdown_table(
         ["system", "avg weight bits", "× smaller than fp32", "dev WER %", "word errors", "Δ vs fp32 [95 % CI]"],
         [[names.get(k, k), f"{bits.get(k, 0):.2f}", f"{32 / bits[k]:.2f}" if k in bits else "-", v["wer"],

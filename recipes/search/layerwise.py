@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from recipes.evaluation import systems
 from recipes.evaluation.asr import forward_logits
 from recipes.runtime.distributed import DevShard
 from recipes.search.calibrate import base_config, calibrated_copy, folded_weight_quantizers, histogram_arrays
@@ -292,7 +293,7 @@ def _float_reference(run: DefaultRun) -> None:
     with torch.inference_mode():
         ref_logits = [forward_logits(model, b) for b in run.dev]
     run.divergence = LogitDivergence(ref_logits, run.scorer.shard)
-    run.errors = {"fp32": run.scorer.errors(ref_logits)}
+    run.errors = {systems.FP32: run.scorer.errors(ref_logits)}
     for n, q in run.quantizers.items():
         q.enable() if n in run.enabled else q.disable()
 
@@ -416,7 +417,7 @@ def _final(run: DefaultRun) -> None:
     """Dev KL and errors of the chosen model, from one forward."""
     with folded_weight_quantizers(run.qsm.model), torch.inference_mode():
         final_logits = [forward_logits(run.qsm.model, b) for b in run.dev]
-    run.errors["stablequant"] = run.scorer.errors(final_logits)
+    run.errors[systems.DEFAULT] = run.scorer.errors(final_logits)
     run.final_kl = run.divergence(final_logits)
 
 
@@ -451,9 +452,9 @@ def run_layerwise(
     dev_errors = {k: v.to_json() for k, v in run.errors.items()}
     dev_errors.update(run.state.errors)
     return LayerwiseResult(
-        recipe="default", settings=asdict(run.s), float_wer=run.errors["fp32"].wer, starts=dict(run.state.starts),
+        recipe="default", settings=asdict(run.s), float_wer=run.errors[systems.FP32].wer, starts=dict(run.state.starts),
         start=run.start, weight_calibrator=run.w_method, layers=run.layers, final_kl=run.final_kl,
-        final_wer=run.errors["stablequant"].wer, amax={n: float(q.amax) for n, q in run.acts.items()},
+        final_wer=run.errors[systems.DEFAULT].wer, amax={n: float(q.amax) for n, q in run.acts.items()},
         config=config, evaluations=run.evaluations, seconds=run.clock.seconds, dev_errors=dev_errors,
         model=run.qsm, histograms={n: histogram_arrays(calibrator_of(q)) for n, q in run.acts.items()},
     )

@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from recipes.evaluation import systems
 from recipes.evaluation.asr import forward_logits
 from recipes.runtime.distributed import broadcast_from_main
 from recipes.search.allocation import SCORE_CHOICES, SCORES, allocate, average_bits, choose_score
@@ -263,7 +264,7 @@ def _float_reference(run: MixedRun) -> None:
     run.setter.fold({})
     ref = [forward_logits(run.model, b) for b in run.dev]
     run.divergence = LogitDivergence(ref, run.scorer.shard)
-    run.errors = {"fp32": run.scorer.errors(ref)}
+    run.errors = {systems.FP32: run.scorer.errors(ref)}
     run.ctc_change = CtcLossChange(run.qsm, run.dev, ref, run.scorer.shard)
 
 
@@ -308,7 +309,7 @@ def _uniform(run: MixedRun) -> None:
             m = run.measure({l: run.formats[name] for l in run.layers})
             run.uniform[name] = {"avg_bits": float(run.formats[name].bits), "kl": m["kl"], "ctc": m["ctc"],
                                  "wer": m["err"].wer}
-            run.errors[f"uniform_{name}"] = m["err"]
+            run.errors[systems.uniform(name)] = m["err"]
 
 
 def _repair_step(run: MixedRun, by: str, assign: dict, m: dict, fixed: dict, tried: set):
@@ -379,8 +380,8 @@ def _allocate(run: MixedRun) -> None:
     kept = run.verified[run.chosen]
     run.assign, run.measured, run.repairs = kept["assign"], kept["measured"], kept["repairs"]
     if len(run.verified) > 1:
-        run.errors.update({f"mixed_{by}": v["measured"]["err"] for by, v in run.verified.items()})
-    run.errors["mixed"] = run.measured["err"]
+        run.errors.update({systems.mixed_by(by): v["measured"]["err"] for by, v in run.verified.items()})
+    run.errors[systems.MIXED] = run.measured["err"]
 
 
 def _pareto(run: MixedRun) -> None:
@@ -428,7 +429,7 @@ def _result(run: MixedRun) -> MixedResult:
         recipe="mixed", settings=asdict(run.s), budget_bits=float(run.options["budget_bits"]), avg_weight_bits=avg,
         avg_weight_bits_no_scales=run.avg_bits(assign, run.grid_bits),
         block_scale_bits=float(run.options["block_scale_bits"]), compression_vs_fp32=32.0 / avg,
-        menu=list(run.formats), fp8=fp8_note(), float_wer=run.errors["fp32"].wer, sensitivity=run.sensitivity,
+        menu=list(run.formats), fp8=fp8_note(), float_wer=run.errors[systems.FP32].wer, sensitivity=run.sensitivity,
         choices=choices, predicted_kl=run.predicted(assign), final_kl=m["kl"], final_wer=m["err"].wer,
         repairs=run.repairs, pareto=run.pareto, uniform=run.uniform,
         base={"final_kl": base.final_kl, "final_wer": base.final_wer, "weight_calibrator": base.weight_calibrator,
@@ -511,5 +512,6 @@ def run_mixed_recipe(sm: SpeechModel, calib: Sequence, dev: Sequence, budget_bit
             "seconds": round(elapsed, 1),
             "dev": {k: {"wer": e.wer, "cer": e.cer, "words": int(e.words.sum()),
                         "word_errors": int(e.word_edits.sum())} for k, e in errors.items()},
-            "dev_intervals": intervals(errors, "fp32", [k for k in errors if k not in ("fp32", "mixed")], seed=seed)}
+            "dev_intervals": intervals(errors, systems.FP32,
+                                      [k for k in errors if k not in (systems.FP32, systems.MIXED)], seed=seed)}
     return result, meta

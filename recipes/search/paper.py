@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from recipes.evaluation import systems
 from recipes.evaluation.asr import forward_logits
 from recipes.search.calibrate import base_config, calibrated_copy, folded_weight_quantizers, histogram_arrays
 from recipes.search.engine import Phase, SearchRun, SearchState, Settings, result_json, run_phases
@@ -101,7 +102,7 @@ def _float_reference(run: PaperRun) -> None:
         with torch.inference_mode():
             errors = run.scorer.errors(run.runner.run(None))
         run.state.float_wer = errors.wer
-        run.state.errors["fp32"] = errors.to_json()
+        run.state.errors[systems.FP32] = errors.to_json()
         run.save()
 
 
@@ -164,10 +165,10 @@ def _stage2(run: PaperRun) -> None:
 
 def _final_errors(run: PaperRun) -> None:
     """Per-utterance edits of the chosen model, for the bootstrap intervals."""
-    if "stablequant_paper" not in run.state.errors:
+    if systems.PAPER not in run.state.errors:
         with folded_weight_quantizers(run.qsm.model), torch.inference_mode():
             final = run.scorer.errors([forward_logits(run.qsm.model, b) for b in run.dev])
-        run.state.errors["stablequant_paper"] = final.to_json()
+        run.state.errors[systems.PAPER] = final.to_json()
         run.save()
 
 
