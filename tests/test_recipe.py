@@ -145,10 +145,12 @@ def test_resume_after_kill_gives_same_result(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(DevScorer, "errors", real)
     saved = json.loads(state.read_text())
     assert len(saved["stage1"]) == 6  # float + 6 layers finished before the kill
+    assert saved["phases_done"] == ["calibrate", "float"]  # killed inside stage1
     with pytest.raises(FileExistsError, match="--resume"):
         run_stablequant(sm, calib, dev, settings, state_path=state, progress=False)
     resumed = run_stablequant(sm, calib, dev, settings, state_path=state, resume=True, progress=False)
     assert resumed.evaluations < reference.evaluations
+    assert json.loads(state.read_text())["phases_done"] == ["calibrate", "float", "stage1", "stage2"]
     same = {"evaluations": 0, "seconds": {}}
     assert resumed.to_json() | same == reference.to_json() | same
     other = Settings(grid=GRID, num_bins=256, gamma=1.0)
