@@ -10,8 +10,8 @@ from recipes.evaluation import systems
 from .common import REAPPLY, ci_text, markdown_table, pyplot, save_and_close, short_layer, write_outputs
 
 
-def mixed_markdown(result, meta: dict) -> str:
-    dev, ci = meta["dev"], meta["dev_intervals"]
+def _system_names_and_bits(result) -> tuple[dict[str, str], dict[str, float]]:
+    """Readable name and average weight bits of each system a mixed run scored."""
     names = {systems.FP32: "fp32", systems.DEFAULT_W8A8: "default recipe W8A8 (its own weights)",
              **{systems.uniform(k): f"uniform {k}" for k in result.uniform},
              **{systems.mixed_by(k): f"mixed, budget {result.budget_bits}, allocated by {k}"
@@ -21,6 +21,12 @@ def mixed_markdown(result, meta: dict) -> str:
             **{systems.uniform(k): v["avg_bits"] for k, v in result.uniform.items()},
             **{systems.mixed_by(k): v["avg_weight_bits"] for k, v in result.candidates.items()},
             systems.MIXED: result.avg_weight_bits}
+    return names, bits
+
+
+def mixed_markdown(result, meta: dict) -> str:
+    dev, ci = meta["dev"], meta["dev_intervals"]
+    names, bits = _system_names_and_bits(result)
     summary = markdown_table(
         ["system", "avg weight bits", "× smaller than fp32", "dev WER %", "word errors", "Δ vs fp32 [95 % CI]"],
         [[names.get(k, k), f"{bits.get(k, 0):.2f}", f"{32 / bits[k]:.2f}" if k in bits else "-", v["wer"],
