@@ -141,8 +141,8 @@ class SearchState:
         for f in fields(cls):
             if f.name not in raw:
                 continue
-            value, default = raw[f.name], cls.__dataclass_fields__[f.name]
-            kind = type(default.default_factory()) if callable(default.default_factory) else None
+            value = raw[f.name]
+            kind = type(f.default_factory()) if callable(f.default_factory) else None
             if kind is not None and not isinstance(value, kind):
                 raise ValueError(f"{f.name!r} is a {type(value).__name__}, not a {kind.__name__}")
             values[f.name] = value

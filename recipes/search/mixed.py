@@ -83,6 +83,21 @@ from sq_plugin.quantizers import E4M3
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class MixedOptions:
+    """What a mixed search is asked for beyond the settings (see :func:`run_mixed`)."""
+
+    budget_bits: float
+    tolerance: float
+    max_repairs: int
+    pareto_budgets: Sequence[float]
+    block_scale_bits: float
+    score: str
+    variants_per_forward: int
+    base_state: Path | None  # the default recipe's W8A8 state file
+    resume_base: bool  # resume it (this run resumes, or compare hands in its own 8-bit run)
+
+
 @dataclass
 class MixedState(SearchState):
     # sensitivities are stored per layer and format, so a run with a larger menu reuses them
@@ -147,6 +162,7 @@ class MixedRun(SearchRun):
     each format (computed once, cached), the scores and the allocations measured so far."""
 
     state: MixedState
+    options: MixedOptions
 
     def act_amax(self, layer: str, bits) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The default recipe's calibrator for this input, re-run on its histogram at ``bits``;
@@ -225,10 +241,9 @@ def _base(run: MixedRun) -> None:
     from calibrators import weight_block
 
     opts = run.options
-    base_settings = run.s
-    run.base = run_layerwise(run.sm, run.calib, run.dev_all, base_settings, state_path=opts["base_state"],
-                             resume=opts["resume"] or opts["base_state_path"] is not None, progress=run.progress,
-                             variants_per_forward=min(2, opts["variants_per_forward"]))
+    run.base = run_layerwise(run.sm, run.calib, run.scorer.all_batches, run.s, state_path=opts.base_state,
+                             resume=opts.resume_base, progress=run.progress,
+                             variants_per_forward=min(2, opts.variants_per_forward))
     run.qsm = run.base.model
     run.model = model = run.qsm.model
     run.layers = layers = [i.path for i in layer_inventory(model)]
@@ -241,7 +256,7 @@ def _base(run: MixedRun) -> None:
     run.sizes = [modules[l].weight.numel() for l in layers]
     run.blocks = {l: weight_block(modules[l].weight.shape) for l in layers}
     run.allowed = {l: [f for f in formats if not formats[f].blocks or run.blocks[l] is not None] for l in layers}
-    run.lbits = [{f: format_bits(formats[f], run.blocks[l], opts["block_scale_bits"]) for f in run.allowed[l]}
+    run.lbits = [{f: format_bits(formats[f], run.blocks[l], opts.block_scale_bits) for f in run.allowed[l]}
                  for l in layers]
     run.grid_bits = [{f: float(formats[f].bits) for f in run.allowed[l]} for l in layers]
     specs = {spec_label(name, kw): (name, kw, False) for name, kw in CANDIDATES}
@@ -273,7 +288,7 @@ def _sensitivity(run: MixedRun) -> None:
     from the same suffix forward, a layer's formats side by side (``variants_per_forward``)."""
     runner = PrefixRunner(run.model, forward_logits, run.dev)
     sens, sens_ctc, allowed = run.state.sensitivity, run.state.sensitivity_ctc, run.allowed
-    k = run.options["variants_per_forward"]
+    k = run.options.variants_per_forward
     todo = [(l, f) for l in run.layers for f in allowed[l] if f != "float"]
     stale = sum(1 for l, f in todo if f in sens.get(l, {}) and f not in sens_ctc.get(l, {}))
     if stale:
@@ -328,7 +343,7 @@ def _repair_step(run: MixedRun, by: str, assign: dict, m: dict, fixed: dict, tri
         return None  # no upgrade is predicted to help
     gain, i, f = max(gains)
     try:
-        trial = run.solve(run.options["budget_bits"], by, {**fixed, i: f})
+        trial = run.solve(run.options.budget_bits, by, {**fixed, i: f})
     except ValueError:
         return None
     t = run.measure(trial)
@@ -342,12 +357,12 @@ def _verify(run: MixedRun, by: str) -> dict:
     """Allocate by score ``by``, measure on dev, repair while the measured score misses the
     prediction by more than ``tolerance`` × |prediction| (CTC predictions can be < 0)."""
     opts = run.options
-    assign = run.solve(opts["budget_bits"], by)
+    assign = run.solve(opts.budget_bits, by)
     pred, m = run.predicted(assign, by), run.measure(assign)
     repairs: list[dict] = []
     fixed: dict[int, str] = {}  # kept upgrades stay pinned for later re-solves
     tried: set[int] = set()
-    while m[by] > pred + opts["tolerance"] * abs(pred) and len(repairs) < opts["max_repairs"]:
+    while m[by] > pred + opts.tolerance * abs(pred) and len(repairs) < opts.max_repairs:
         found = _repair_step(run, by, assign, m, fixed, tried)
         if found is None:
             break
@@ -368,7 +383,7 @@ def _verify(run: MixedRun, by: str) -> dict:
 
 def _allocate(run: MixedRun) -> None:
     """Allocate by each score, verify and repair, keep the one with the lower calibration WER."""
-    score = run.options["score"]
+    score = run.options.score
     try:  # the choice between scores is checked on transcripts neither score saw
         run.check = DevScorer(run.sm, run.calib) if score == "auto" else None
     except ValueError:
@@ -386,9 +401,9 @@ def _allocate(run: MixedRun) -> None:
 
 def _pareto(run: MixedRun) -> None:
     """Other budgets, allocated by the chosen score and measured (no repair)."""
-    budget, chosen = run.options["budget_bits"], run.chosen
+    budget, chosen = run.options.budget_bits, run.chosen
     run.pareto = []
-    for b in tqdm(sorted(set(run.options["pareto_budgets"]) - {budget}), desc="Pareto budgets",
+    for b in tqdm(sorted(set(run.options.pareto_budgets) - {budget}), desc="Pareto budgets",
                   disable=not run.progress):
         try:
             other = run.solve(b, chosen)
@@ -403,7 +418,7 @@ def _pareto(run: MixedRun) -> None:
 def _final(run: MixedRun) -> None:
     """The kept allocation on the Pareto list; the model's quantizers at its formats (saveable)."""
     m, assign = run.measured, run.assign
-    run.pareto.append({"budget": run.options["budget_bits"], "avg_bits": run.avg_bits(assign), "score": run.chosen,
+    run.pareto.append({"budget": run.options.budget_bits, "avg_bits": run.avg_bits(assign), "score": run.chosen,
                        "predicted": run.predicted(assign, run.chosen), "predicted_kl": run.predicted(assign),
                        "kl": m["kl"], "ctc": m["ctc"], "wer": m["err"].wer})
     run.pareto.sort(key=lambda p: p["budget"])
@@ -426,9 +441,9 @@ def _result(run: MixedRun) -> MixedResult:
                for i, (l, n) in enumerate(zip(layers, run.sizes))]
     avg = run.avg_bits(assign)
     return MixedResult(
-        recipe="mixed", settings=asdict(run.s), budget_bits=float(run.options["budget_bits"]), avg_weight_bits=avg,
+        recipe="mixed", settings=asdict(run.s), budget_bits=float(run.options.budget_bits), avg_weight_bits=avg,
         avg_weight_bits_no_scales=run.avg_bits(assign, run.grid_bits),
-        block_scale_bits=float(run.options["block_scale_bits"]), compression_vs_fp32=32.0 / avg,
+        block_scale_bits=float(run.options.block_scale_bits), compression_vs_fp32=32.0 / avg,
         menu=list(run.formats), fp8=fp8_note(), float_wer=run.errors[systems.FP32].wer, sensitivity=run.sensitivity,
         choices=choices, predicted_kl=run.predicted(assign), final_kl=m["kl"], final_wer=m["err"].wer,
         repairs=run.repairs, pareto=run.pareto, uniform=run.uniform,
@@ -484,11 +499,9 @@ def run_mixed(
         Path(state_path).with_name("state_w8a8.json") if state_path else None
     run = MixedRun(sm, calib_batches, dev_batches, base_settings, state_path, resume, MixedState, progress,
                    recipe="mixed")  # menu-free: scores are per format
-    run.dev_all, run.formats = dev_batches, {m: MENU[m] for m in menu}
-    run.options = dict(budget_bits=budget_bits, tolerance=tolerance, max_repairs=max_repairs,
-                       pareto_budgets=pareto_budgets, block_scale_bits=block_scale_bits, score=score,
-                       variants_per_forward=variants_per_forward, base_state=base_state,
-                       base_state_path=base_state_path, resume=resume)
+    run.formats = {m: MENU[m] for m in menu}
+    run.options = MixedOptions(budget_bits, tolerance, max_repairs, pareto_budgets, block_scale_bits, score,
+                               variants_per_forward, base_state, resume or base_state_path is not None)
     run_phases(run, PHASES)
     return _result(run)
 
