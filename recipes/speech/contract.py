@@ -9,6 +9,7 @@ returned by the ``sq_speech_model_families`` hook) plus its tests.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,3 +212,11 @@ def find_module(model: nn.Module, suffix: str) -> str:
     if len(hits) != 1:
         raise ValueError(f"{type(model).__name__} has {len(hits)} modules named '*{suffix}'; expected exactly one")
     return hits[0]
+
+
+def read_json(path: Path):
+    """A checkpoint's JSON file; undecodable text or JSON is one line naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .contract import BlockLayout, SpeechFamily, SpeechModel, find_module, remove_weight_norm
+from .contract import BlockLayout, SpeechFamily, SpeechModel, find_module, read_json, remove_weight_norm
 
 log = logging.getLogger(__name__)
 
@@ -314,19 +314,12 @@ def save_model(sm: SpeechModel, directory: str | Path) -> Path:
     return directory
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
-
-
 def _load_vocab(directory: Path) -> tuple[list[str], int, str]:
     vocab_path = directory / "vocab.json"
     if not vocab_path.is_file():
         raise FileNotFoundError(f"{directory}: no vocabulary (vocab.json missing); "
                                 "a CTC model needs its character vocabulary to decode")
-    raw = _read_json(vocab_path)
+    raw = read_json(vocab_path)
     if raw and all(isinstance(v, dict) for v in raw.values()):  # multilingual {lang: {tok: id}}
         raise ValueError(f"{vocab_path}: per-language vocabularies are not supported")
     if not raw:
@@ -336,7 +329,7 @@ def _load_vocab(directory: Path) -> tuple[list[str], int, str]:
     for tok, i in raw.items():
         vocab[i] = tok
     tok_cfg_path = directory / "tokenizer_config.json"
-    tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
+    tok_cfg = read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
     pad = tok_cfg.get("pad_token", "<pad>")
     pad = pad.get("content", "<pad>") if isinstance(pad, dict) else pad
     delimiter = tok_cfg.get("word_delimiter_token", "|")
@@ -362,7 +355,7 @@ def _quiet_transformers():
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         return [directory / s for s in shards]
     return [directory / "model.safetensors"]
 
@@ -402,10 +395,10 @@ def _preprocessor_config(directory: Path) -> dict:
     transformers 5's ``Processor.save_pretrained`` writes it)."""
     pre_path = directory / "preprocessor_config.json"
     if pre_path.is_file():
-        return _read_json(pre_path)
+        return read_json(pre_path)
     proc_path = directory / "processor_config.json"
     if proc_path.is_file():
-        nested = _read_json(proc_path).get("feature_extractor")
+        nested = read_json(proc_path).get("feature_extractor")
         if isinstance(nested, dict):
             return nested
     raise FileNotFoundError(f"{directory}: no feature extractor settings (preprocessor_config.json, or "
@@ -422,7 +415,7 @@ def load_ctc_model(path: str | Path) -> SpeechModel:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory}: config.json missing")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHS), None)
     refused = unsupported_reason(config, arch)

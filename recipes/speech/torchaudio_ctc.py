@@ -25,14 +25,13 @@ that layer-normalises the waveform; we unwrap it and normalise in the data pipel
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .contract import BlockLayout, SpeechFamily, SpeechModel, find_module, remove_weight_norm
+from .contract import BlockLayout, SpeechFamily, SpeechModel, find_module, read_json, remove_weight_norm
 
 PREFIX = "torchaudio:"
 CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE = "torchaudio_config.json", "labels.json", "model.safetensors"
@@ -183,21 +182,18 @@ def save_torchaudio_model(sm: SpeechModel, directory: str | Path) -> Path:
     return directory
 
 
-def _read_json(path: Path, what: str):
+def _read_checkpoint_json(path: Path, what: str):
     if not path.is_file():
         raise ValueError(f"{path}: missing (a torchaudio checkpoint directory holds {CONFIG_FILE}, "
                          f"{LABELS_FILE} and {WEIGHTS_FILE}; {what})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    return read_json(path)
 
 
 def load_torchaudio_dir(directory: str | Path) -> SpeechModel:
     """Read a local torchaudio checkpoint directory (see the module docstring)."""
     directory = Path(directory)
     config_path, labels_path, weights = (directory / f for f in (CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE))
-    config = _read_json(config_path, "the builder's keyword arguments")
+    config = _read_checkpoint_json(config_path, "the builder's keyword arguments")
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     builders = [b for b in BUILDERS if b in config]
@@ -213,7 +209,7 @@ def load_torchaudio_dir(directory: str | Path) -> SpeechModel:
     sampling_rate = config.get("sampling_rate", 16000)
     if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate <= 0:
         raise ValueError(f"{config_path}: \"sampling_rate\" must be a positive integer, got {sampling_rate!r}")
-    labels = _read_json(labels_path, "the labels, id -> token")
+    labels = _read_checkpoint_json(labels_path, "the labels, id -> token")
     if not isinstance(labels, list) or not labels or not all(isinstance(t, str) and t for t in labels):
         raise ValueError(f"{labels_path}: expected a non-empty JSON list of token strings (id -> token)")
     if len(set(labels)) != len(labels):
