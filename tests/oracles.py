@@ -102,9 +102,10 @@ def assert_near_transcripts(got: list[str], want: list[str]) -> None:
         assert edit_distance(g, w) <= max(1, len(w) // 4), (g, w)
 
 
-def assert_prefix_cache_exact(model, quantizers: dict, acts: list[str], batches) -> None:
+def assert_prefix_cache_exact(model, quantizers: dict, acts: list[str], batches, then=None) -> None:
     """With one quantizer enabled at a time (model order, as Stage 1 visits them), the prefix-cached
-    suffix forward equals the full forward exactly."""
+    suffix forward equals the full forward exactly. ``then(name, full, runner)``, if given, runs
+    further checks while that quantizer is the one enabled (``full``: its full-forward logits)."""
     from recipes.evaluation.asr import forward_logits
     from recipes.search.reuse import PrefixRunner
 
@@ -116,4 +117,5 @@ def assert_prefix_cache_exact(model, quantizers: dict, acts: list[str], batches)
             full = [forward_logits(model, b) for b in batches]
             for a, b in zip(full, runner.run(name.rsplit(".", 1)[0])):
                 assert torch.equal(a, b), name
-    return runner
+            if then is not None:
+                then(name, full, runner)

@@ -110,17 +110,14 @@ def _check_prefix_cache(sm, data):
     # every one of them saw data (a layer the forward never runs would have no range)
     assert [a.rsplit(".", 1)[0] for a in acts] == [i.path for i in layer_inventory(qsm)]
     assert all(quantizers[a].amax is not None for a in acts)
-    runner = assert_prefix_cache_exact(model, quantizers, acts, batches)
-    with torch.inference_mode():
-        for name in acts:
-            for n, q in quantizers.items():
-                q.enable() if n == name else q.disable()
-            full = [forward_logits(model, b) for b in batches]
-            quantizers[name].disable()
-            plain = [forward_logits(model, b) for b in batches]
-            on, off = runner.run_variants(name.rsplit(".", 1)[0], [quantizers[name].enable, quantizers[name].disable])
-            for want, got in zip(full + plain, on + off):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    def variants_equal_one_form_per_forward(name, full, runner):
+        quantizers[name].disable()
+        plain = [forward_logits(model, b) for b in batches]
+        on, off = runner.run_variants(name.rsplit(".", 1)[0], [quantizers[name].enable, quantizers[name].disable])
+        for want, got in zip(full + plain, on + off):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+    assert_prefix_cache_exact(model, quantizers, acts, batches, then=variants_equal_one_form_per_forward)
     return len(acts)
 
 
